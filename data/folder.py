@@ -1,0 +1,134 @@
+"""ImageFolderDataset: images under a directory, one class per first-level sub-folder.
+
+Layouts, checked in this order:
+- `root/train/` plus `root/val/` and/or `root/test/`: each split reads its own sub-tree.
+- `root/<class>/...`: one split by a hash of each file's relative path (stable when files are
+  added, and identical for every training seed).
+- `root/*.png` with no class sub-folders: unlabelled (label -1).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from data.errors import DataSourceError
+from data.transforms import IMAGE_EXTENSIONS, load_image, to_tensor
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+MAX_CONSECUTIVE_FAILURES = 100  # beyond this the data itself is broken, not a stray file
+
+
+def _list_images(directory: Path) -> list[Path]:
+    """All image files below `directory`, recursively, in a platform-independent sorted order.
+    Hidden files and folders (`.ipynb_checkpoints`, `.DS_Store`, ...) are skipped: they are never data."""
+    found = [p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+             and not any(part.startswith(".") for part in p.relative_to(directory).parts) and p.is_file()]
+    return sorted(found, key=lambda p: p.relative_to(directory).as_posix())
+
+
+def _hash_fraction(relative_path: str) -> float:
+    """Map a path to a fixed number in [0, 1): the split a file lands in never depends on which
+    other files exist or on the order the file system lists them."""
+    digest = hashlib.sha1(relative_path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+class ImageFolderDataset(Dataset):
+    """Map-style dataset over an image folder; `ds[i]` is `(image, label)` with image (3, R, R)
+    float32 in [-1, 1] and label the class index, or -1 when the folder has no class sub-folders.
+
+    A file that fails to load is logged once, recorded in `skipped_files` (per process, so per
+    DataLoader worker) and replaced by the next loadable item."""
+
+    def __init__(self, root: str | Path, resolution: int, split: str = "train",
+                 val_fraction: float = 0.02, seed: int = 0):
+        # `seed` is accepted for a uniform builder signature; nothing here is random, and the split
+        # is deliberately seed-independent so runs with different seeds share one val set
+        self.root = Path(root).expanduser()
+        if split not in SPLITS:
+            raise DataSourceError(f"image folder {str(self.root)!r}: split must be one of {list(SPLITS)}, "
+                                  f"got {split!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise DataSourceError(f"image folder {str(self.root)!r}: val_fraction must be in [0, 1), "
+                                  f"got {val_fraction!r}")
+        if not isinstance(resolution, int) or resolution < 1:
+            raise DataSourceError(f"image folder {str(self.root)!r}: resolution must be a positive integer, "
+                                  f"got {resolution!r}")
+        if not self.root.is_dir():
+            raise DataSourceError(f"image folder {str(self.root)!r} does not exist or is not a directory "
+                                  f"(looked for images with extensions {' '.join(IMAGE_EXTENSIONS)})")
+        self.resolution, self.split, self.val_fraction, self.seed = resolution, split, val_fraction, seed
+        self.skipped_files: list[str] = []
+        self._bad: set[int] = set()
+
+        split_dirs = {s: self.root / s for s in SPLITS if (self.root / s).is_dir()}
+        if "train" in split_dirs and ("val" in split_dirs or "test" in split_dirs):
+            # `test` falls back to `val` and vice versa, mirroring the hash split where they are one set
+            other = "test" if split == "val" else "val"
+            tree = split_dirs.get(split) or split_dirs[other]
+            listings = {t: _list_images(t) for t in split_dirs.values()}
+            files = listings[tree]
+        else:
+            tree = self.root
+            listings = {tree: _list_images(tree)}
+            files = [p for p in listings[tree] if self._in_split(p.relative_to(tree).as_posix())]
+
+        # classes come from every split's tree, so an index means the same class in train and val
+        class_names = sorted({p.relative_to(t).parts[0] for t, listing in listings.items() for p in listing
+                              if len(p.relative_to(t).parts) > 1})
+        if class_names:
+            stray = [p for p in files if len(p.relative_to(tree).parts) == 1]
+            if stray:
+                logger.warning("image folder %s: ignoring %d image(s) directly in %s, outside the class "
+                               "sub-folders (first: %s)", self.root, len(stray), tree, stray[0].name)
+                files = [p for p in files if len(p.relative_to(tree).parts) > 1]
+            index = {name: i for i, name in enumerate(class_names)}
+            self.labels = [index[p.relative_to(tree).parts[0]] for p in files]
+            self.class_names: list[str] | None = class_names
+            self.num_classes: int | None = len(class_names)
+        else:
+            self.labels = [-1] * len(files)
+            self.class_names, self.num_classes = None, None
+        self.files = files
+
+        if not files:
+            raise DataSourceError(
+                f"image folder {str(tree)!r}: no images for split {split!r} (looked recursively for "
+                f"extensions {' '.join(IMAGE_EXTENSIONS)}"
+                + (f"; val_fraction={val_fraction} of the files go to val/test)" if tree == self.root else ")"))
+
+    def _in_split(self, relative_path: str) -> bool:
+        held_out = _hash_fraction(relative_path) < self.val_fraction
+        return held_out if self.split in ("val", "test") else not held_out
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        n = len(self.files)
+        if not -n <= index < n:
+            raise IndexError(f"ImageFolderDataset index {index} out of range for {n} images")
+        index %= n
+        for attempt in range(min(n, MAX_CONSECUTIVE_FAILURES)):
+            i = (index + attempt) % n
+            if i in self._bad:
+                continue
+            try:
+                image = to_tensor(load_image(self.files[i]), self.resolution)
+            except Exception as e:  # any decoder error (OSError, SyntaxError, zlib.error, ...) means a bad file
+                self._bad.add(i)
+                self.skipped_files.append(str(self.files[i]))
+                logger.warning("skipping unreadable image %s (%s: %s); using the next one instead",
+                               self.files[i], type(e).__name__, e)
+                continue
+            return image, self.labels[i]
+        raise DataSourceError(
+            f"image folder {str(self.root)!r}: {min(n, MAX_CONSECUTIVE_FAILURES)} consecutive images from "
+            f"index {index} failed to load ({len(self.skipped_files)} unreadable so far, e.g. "
+            f"{self.skipped_files[-1] if self.skipped_files else '?'}); is this an image folder?")

@@ -1,0 +1,196 @@
+"""The VQGAN tokenizer: images -> grid of discrete codes -> images.
+
+Public API (everything later stages may use): `VQGAN.encode`, `VQGAN.decode`, `VQGAN.forward`,
+`save_pretrained` / `from_pretrained` (safetensors + config.json, no training code needed),
+`content_hash`, and the code-grid description `code_grid(image_size)` / `code_depth` /
+`vocab_sizes`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from common import ConfigError, atomic_dir, config_from_dict, config_to_dict
+from stage1_tokenizer.layers import Decoder, Encoder
+from stage1_tokenizer.quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
+
+MODEL_TYPE = "vqgan-tokenizer"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class VQGANConfig:
+    resolution: int = 256                       # training resolution; decides where attention sits
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # f = 2 ** (len - 1): this default is taming's f16
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    z_channels: int = 256
+    dropout: float = 0.0
+    norm_groups: int = 32
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+
+    def __post_init__(self) -> None:
+        if self.resolution % self.downsample_factor:
+            raise ValueError(f"model.resolution={self.resolution} is not divisible by the "
+                             f"down-sampling factor {self.downsample_factor} of ch_mult={list(self.ch_mult)}")
+        for width in {self.ch * m for m in self.ch_mult}:
+            if width % min(self.norm_groups, width):
+                raise ValueError(f"model.norm_groups={self.norm_groups} does not divide channel width {width}")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+class TokenizerLoadError(ValueError):
+    """A pretrained tokenizer directory is missing, malformed or does not match its config."""
+
+
+class VQGAN(nn.Module):
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        self.config = config
+        arch = dict(ch=config.ch, ch_mult=config.ch_mult, num_res_blocks=config.num_res_blocks,
+                    attn_resolutions=config.attn_resolutions, resolution=config.resolution,
+                    z_channels=config.z_channels, dropout=config.dropout, norm_groups=config.norm_groups)
+        self.encoder = Encoder(in_channels=config.in_channels, **arch)
+        self.decoder = Decoder(out_channels=config.out_channels, **arch)
+        code_dim = config.quantizer.code_dim
+        # 1x1 projections into / out of the (low-dimensional) code space: factorised codes
+        self.quant_conv = nn.Conv2d(config.z_channels, code_dim, 1)
+        self.post_quant_conv = nn.Conv2d(code_dim, config.z_channels, 1)
+        self.quantize = VectorQuantizer(config.quantizer)
+
+    # ---- description of the code grid, read by data, stage 2 and eval -------------------------
+    def code_grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the code grid for images of this size."""
+        H, W = (image_size, image_size) if isinstance(image_size, int) else image_size
+        f = self.config.downsample_factor
+        if H % f or W % f:
+            raise ValueError(f"image size {H}x{W} is not divisible by the tokenizer's factor {f}")
+        return H // f, W // f
+
+    @property
+    def code_depth(self) -> int:
+        """Codes per grid position (1 for plain VQ)."""
+        return 1
+
+    @property
+    def vocab_sizes(self) -> list[int]:
+        """Vocabulary of each code level."""
+        return [self.config.quantizer.codebook_size]
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's output conv weight, where taming's adaptive GAN weight is measured."""
+        return self.decoder.conv_out.weight
+
+    # ---- encode / decode --------------------------------------------------------------------
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> pre-quantization latents (B, code_dim, h, w)."""
+        return self.quant_conv(self.encoder(images))
+
+    def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
+        """quantized latents (B, code_dim, h, w) -> images (B, 3, H, W), not clamped."""
+        return self.decoder(self.post_quant_conv(z_q))
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> codes (B, h, w) int64."""
+        return self.quantize.encode(self.encode_latents(images))
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, h, w) int -> images (B, 3, H, W) in [-1, 1]."""
+        if codes.dim() != 3:
+            raise ValueError(f"codes must have shape (B, h, w), got {tuple(codes.shape)}")
+        K = self.config.quantizer.codebook_size
+        if codes.numel() and (codes.min() < 0 or codes.max() >= K):
+            raise ValueError(f"codes must lie in [0, {K}), got range [{int(codes.min())}, {int(codes.max())}]")
+        z_q = self.quantize.codes_to_latents(codes.long()).to(self.post_quant_conv.weight.dtype)
+        return self.decode_latents(z_q).clamp(-1, 1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
+        """images -> (reconstruction (B, 3, H, W), quantizer output with losses and stats)."""
+        quant = self.quantize(self.encode_latents(images))
+        return self.decode_latents(quant.z_q), quant
+
+    # ---- save / load ------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        return {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION,
+                "config": config_to_dict(self.config)}
+
+    def content_hash(self) -> str:
+        """sha256 over the config and every tensor: names the exact tokenizer that made codes."""
+        digest = hashlib.sha256(json.dumps(self.config_dict(), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(str(tensor.dtype).encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json + model.safetensors atomically; returns the directory."""
+        directory = Path(directory)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_dir(directory) as tmp:
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"model_type": MODEL_TYPE})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "VQGAN":
+        """Load a directory written by `save_pretrained`; every mismatch is a TokenizerLoadError."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise TokenizerLoadError(f"tokenizer directory {directory} does not exist")
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not config_path.is_file():
+            raise TokenizerLoadError(f"{config_path} is missing: expected the JSON config written by save_pretrained")
+        try:
+            meta = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenizerLoadError(f"{config_path} is not valid JSON: {e}") from e
+        if not isinstance(meta, dict) or meta.get("model_type") != MODEL_TYPE or "config" not in meta:
+            raise TokenizerLoadError(f"{config_path}: expected an object with model_type={MODEL_TYPE!r} "
+                                     f"and a 'config' section")
+        try:
+            config = config_from_dict(VQGANConfig, meta["config"], where=str(config_path))
+        except ConfigError as e:
+            raise TokenizerLoadError(str(e)) from e
+        model = cls(config)
+        if not weights_path.is_file():
+            raise TokenizerLoadError(f"{weights_path} is missing: expected the safetensors weights")
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError) as e:
+            raise TokenizerLoadError(f"{weights_path} is not a readable safetensors file: {e}") from e
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+        if missing or unexpected or wrong:
+            parts = [f"missing keys {missing[:8]}" if missing else "",
+                     f"unexpected keys {unexpected[:8]}" if unexpected else "",
+                     f"wrong shapes {wrong[:8]}" if wrong else ""]
+            raise TokenizerLoadError(f"{weights_path} does not match {config_path}: "
+                                     + "; ".join(p for p in parts if p))
+        model.load_state_dict(state, strict=True)
+        return model.to(device).eval()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,343 @@
+"""Train the VQGAN tokenizer: one plain Accelerate loop, read top to bottom.
+
+Runs unchanged on CPU, one GPU, or many through `accelerate launch`. Each step: generator
+forward/backward over the micro-batches (L1/L2 + LPIPS + quantizer + adaptive-weight GAN), clip,
+step; then the discriminator over the same micro-batches once the GAN is on. Checkpoints go
+through `accelerator.save_state` into a temporary directory renamed into place, so a killed run
+resumes exactly (`resume="auto"`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import data
+from common import atomic_write_json, atomic_write_text, config_to_dict
+from stage1_tokenizer.discriminator import NLayerDiscriminator
+from stage1_tokenizer.losses import LossConfig, VQGANLoss
+from stage1_tokenizer.model import VQGAN, VQGANConfig
+from stage1_tokenizer.reconstruct import reconstruction_metrics, save_comparison_grid
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic:shapes"
+    val_source: str | None = None       # None: the same source's "val" split
+    resolution: int | None = None       # None: the model's resolution
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/tokenizer"
+    steps: int = 10000
+    batch_size: int = 32                # per process and micro-step
+    grad_accum: int = 1
+    lr: float = 2e-4
+    disc_lr: float | None = None        # None: same as lr
+    betas: tuple[float, float] = (0.5, 0.9)  # taming's Adam betas for both players
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"       # "constant" (taming) or "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1           # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0              # 0 = off
+    mixed_precision: str = "no"         # "no" | "fp16" | "bf16"
+    channels_last: bool = True          # NHWC convolutions: faster on CPUs (oneDNN) and tensor cores
+    ema_decay: float = 0.0              # > 0 keeps EMA weights, which are then exported
+    seed: int = 0
+    log_every: int = 10
+    image_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    eval_images: int = 512              # held-out images for the final metrics
+    eval_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"train.lr_schedule={self.lr_schedule!r}: expected 'constant' or 'cosine'")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"train.mixed_precision={self.mixed_precision!r}: expected no, fp16 or bf16")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "image_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class TokenizerTrainConfig:
+    model: VQGANConfig = field(default_factory=VQGANConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class TrainState:
+    """The loop counter, saved with the rest of the training state."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def get_lr(step: int, base_lr: float, cfg: TrainConfig) -> float:
+    """Linear warm-up, then constant or cosine decay to min_lr_ratio * base_lr."""
+    if step < cfg.warmup_steps:
+        return base_lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return base_lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    floor = base_lr * cfg.min_lr_ratio
+    return floor + 0.5 * (base_lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for ema_p, p in zip(ema.parameters(), model.parameters()):
+        ema_p.lerp_(p.detach(), 1.0 - decay)
+    for ema_b, b in zip(ema.buffers(), model.buffers()):
+        ema_b.copy_(b)
+
+
+def find_checkpoint(out_dir: Path, resume: str | None) -> Path | None:
+    """`auto`: the newest complete checkpoint under out_dir (None if there is none); else a path."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
+        return path
+    ckpt_root = out_dir / "checkpoints"
+    found = sorted(p for p in ckpt_root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)) if ckpt_root.is_dir() else []
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, keep: int) -> None:
+    ckpt_root = out_dir / "checkpoints"
+    final, tmp = ckpt_root / f"step_{step:08d}", ckpt_root / f".tmp_step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # a kill before this line leaves the previous checkpoint intact
+        for old in sorted(ckpt_root.glob("step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step, so the log reads as one uninterrupted run."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def build_datasets(cfg: TokenizerTrainConfig):
+    resolution = cfg.data.resolution or cfg.model.resolution
+    train_set = data.build_dataset(cfg.data.source, resolution=resolution, split="train", seed=cfg.train.seed)
+    val_spec = cfg.data.val_source or cfg.data.source
+    val_set = data.build_dataset(val_spec, resolution=resolution, split="val" if cfg.data.val_source is None else "train",
+                                 seed=cfg.train.seed)
+    return train_set, val_set
+
+
+def train(cfg: TokenizerTrainConfig, resume: str | None = None) -> dict:
+    """Train a tokenizer as configured; returns the final held-out metrics."""
+    tc = cfg.train
+    out_dir = Path(tc.out_dir)
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=tc.seed),
+    )
+    set_seed(tc.seed)
+    ckpt = find_checkpoint(out_dir, resume)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / "config.json", config_to_dict(cfg))
+        accelerator.print(json.dumps(config_to_dict(cfg), indent=2))
+
+    # losses first: a missing LPIPS backbone should stop the run before any work is done
+    loss_fn = VQGANLoss(cfg.loss).to(accelerator.device)
+    model = VQGAN(cfg.model)
+    discriminator = NLayerDiscriminator(cfg.model.out_channels, cfg.loss.disc_channels,
+                                        cfg.loss.disc_layers, cfg.loss.disc_norm)
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    discriminator.to(memory_format=memory_format)
+    accelerator.print(f"tokenizer: {model.num_parameters() / 1e6:.2f}M parameters, "
+                      f"discriminator: {sum(p.numel() for p in discriminator.parameters()) / 1e6:.2f}M")
+    ema = None
+    if tc.ema_decay > 0:
+        ema = copy.deepcopy(model).requires_grad_(False).eval().to(accelerator.device)
+
+    fused = accelerator.device.type == "cuda"
+    opt_g = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
+                             betas=tc.betas, weight_decay=tc.weight_decay, fused=fused or None)
+    disc_lr = tc.disc_lr if tc.disc_lr is not None else tc.lr
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=disc_lr, betas=tc.betas,
+                             weight_decay=tc.weight_decay, fused=fused or None)
+
+    train_set, val_set = build_datasets(cfg)
+    loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
+                        persistent_workers=cfg.data.num_workers > 0,
+                        generator=torch.Generator().manual_seed(tc.seed))
+    if len(loader) == 0:
+        raise ValueError(f"data.source={cfg.data.source!r} has {len(train_set)} images, fewer than one "
+                         f"batch of {tc.batch_size}")
+    model, discriminator, opt_g, opt_d, loader = accelerator.prepare(model, discriminator, opt_g, opt_d, loader)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(loss_fn)  # LeCam EMAs
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    raw_model = accelerator.unwrap_model(model)
+    raw_disc = accelerator.unwrap_model(discriminator)
+    metrics_path = out_dir / "metrics.jsonl"
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        accelerator.print(f"resumed from {ckpt} at step {state.step}")
+        if accelerator.is_main_process:
+            _truncate_metrics(metrics_path, state.step)
+    elif accelerator.is_main_process and metrics_path.exists():
+        metrics_path.unlink()  # a fresh run starts a fresh log
+    accelerator.init_trackers("tokenizer")
+
+    fixed_val = torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))]).to(accelerator.device)
+    batches_per_epoch = len(loader)
+
+    def batches():
+        """Endless (epoch, batch) stream that restarts mid-epoch exactly where a checkpoint left off."""
+        consumed = state.step * tc.grad_accum
+        epoch, skip = divmod(consumed, batches_per_epoch)
+        while True:
+            loader.set_epoch(epoch)
+            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+            for images, _labels in epoch_loader:
+                yield images.contiguous(memory_format=memory_format)
+            epoch, skip = epoch + 1, 0
+
+    stream = batches()
+    progress = tqdm(total=tc.steps, initial=state.step, desc="tokenizer", disable=not accelerator.is_local_main_process,
+                    dynamic_ncols=True)
+    images_seen, t_last = 0, time.perf_counter()
+    while state.step < tc.steps:
+        step = state.step
+        for opt, base in ((opt_g, tc.lr), (opt_d, disc_lr)):
+            for group in opt.param_groups:
+                group["lr"] = get_lr(step, base, tc)
+        gan_on = loss_fn.gan_active(step)
+
+        # ---- generator (tokenizer) step -----------------------------------------------------
+        micro_batches, fakes, logs = [], [], {}
+        raw_disc.requires_grad_(False)
+        for micro in range(tc.grad_accum):
+            images = next(stream)
+            sync = micro == tc.grad_accum - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    reconstructions, quant = model(images)
+                    loss, logs = loss_fn.generator_loss(
+                        images, reconstructions, quant.loss, step=step, last_layer=raw_model.last_layer,
+                        discriminator=raw_disc if gan_on else None)  # unwrapped: no DDP sync for G's pass
+                accelerator.backward(loss / tc.grad_accum)
+            logs.update(quant.stats)
+            micro_batches.append(images)
+            fakes.append(reconstructions.detach())
+        if tc.grad_clip > 0:
+            logs["grad_norm/generator"] = accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        if ema is not None:
+            update_ema(ema, raw_model, tc.ema_decay)
+
+        # ---- discriminator step -------------------------------------------------------------
+        if gan_on:
+            raw_disc.requires_grad_(True)
+            for micro, (images, fake) in enumerate(zip(micro_batches, fakes)):
+                sync = micro == tc.grad_accum - 1
+                with nullcontext() if sync else accelerator.no_sync(discriminator):
+                    with accelerator.autocast():
+                        d_loss, d_logs = loss_fn.discriminator_loss(images, fake, step=step,
+                                                                    discriminator=discriminator)
+                    accelerator.backward(d_loss / tc.grad_accum)
+            logs.update(d_logs)
+            if tc.grad_clip > 0:
+                logs["grad_norm/discriminator"] = accelerator.clip_grad_norm_(discriminator.parameters(), tc.grad_clip)
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+
+        state.step += 1
+        images_seen += tc.batch_size * tc.grad_accum * accelerator.num_processes
+
+        # ---- logging, images, checkpoints ---------------------------------------------------
+        scalars = {k: float(v) for k, v in logs.items()}
+        scalars["lr"] = opt_g.param_groups[0]["lr"]
+        if accelerator.is_main_process:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": state.step, **scalars}) + "\n")
+        progress.update(1)
+        progress.set_postfix(loss=f"{scalars['loss/total']:.4f}", usage=f"{scalars['quantizer/window_usage']:.2f}")
+        if state.step % tc.log_every == 0:
+            now = time.perf_counter()
+            scalars["throughput/images_per_s"] = images_seen / (now - t_last)
+            images_seen, t_last = 0, now
+            accelerator.log(scalars, step=state.step)
+        if state.step % tc.image_every == 0 and accelerator.is_main_process:
+            _save_reconstructions(raw_model, fixed_val, out_dir / "images" / f"step_{state.step:08d}.png")
+        if state.step % tc.checkpoint_every == 0 or state.step == tc.steps:
+            save_checkpoint(accelerator, out_dir, state.step, tc.keep_checkpoints)
+    progress.close()
+
+    # ---- export and held-out metrics --------------------------------------------------------
+    final_model = ema if ema is not None else raw_model
+    results: dict = {}
+    if accelerator.is_main_process:
+        final_model.save_pretrained(out_dir / "tokenizer")
+        _save_reconstructions(final_model, fixed_val, out_dir / "images" / "final.png")
+        n_eval = min(tc.eval_images, len(val_set))
+        eval_set = torch.utils.data.Subset(val_set, range(n_eval))
+        results = reconstruction_metrics(final_model, DataLoader(eval_set, batch_size=tc.eval_batch_size),
+                                         device=accelerator.device)
+        results.update({"step": state.step, "eval_split": val_spec_name(cfg), "eval_images": n_eval})
+        atomic_write_json(out_dir / "final_metrics.json", results)
+        accelerator.print(json.dumps(results, indent=2))
+    accelerator.end_training()
+    return results
+
+
+def val_spec_name(cfg: TokenizerTrainConfig) -> str:
+    return f"{cfg.data.val_source} (train split)" if cfg.data.val_source else f"{cfg.data.source} (val split)"
+
+
+@torch.no_grad()
+def _save_reconstructions(model: VQGAN, images: torch.Tensor, path: Path) -> None:
+    was_training = model.training
+    model.eval()
+    save_comparison_grid(images, model.decode(model.encode(images)), path)
+    model.train(was_training)

@@ -1,0 +1,1 @@
+"""The `vqgan` console script. Nothing in the library imports this package."""

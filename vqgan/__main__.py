@@ -1,0 +1,5 @@
+import sys
+
+from vqgan.cli import main
+
+sys.exit(main())

@@ -6,18 +6,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
 
 from data.errors import DataSourceError
+from data.transforms import SeededTransform, TransformConfig, to_rgb
 
 
 class NpzImages(Dataset):
     """`images` uint8 (N, H, W, 3) and optional `labels` int (N,) and `class_names` (JSON string
-    array). Every split reads the whole file (pass separate files for train and val); images are
-    resized to `resolution` (bicubic, antialiased) when their size differs."""
+    array). Every split reads the whole file (pass separate files for train and val); images go
+    through the same resize/crop as image files (`data.transforms.apply_transform`), with a
+    random `transform` drawn from `default_rng([seed, epoch, index])`."""
 
-    def __init__(self, path: str | Path, resolution: int, class_names: list[str] | None = None):
+    def __init__(self, path: str | Path, resolution: int, class_names: list[str] | None = None,
+                 seed: int = 0, transform: TransformConfig | None = None):
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise DataSourceError(f"npz file {str(self.path)!r} does not exist")
@@ -40,6 +43,9 @@ class NpzImages(Dataset):
         if len(self.images) == 0:
             raise DataSourceError(f"npz file {str(self.path)!r} holds no images")
         self.resolution = resolution
+        self.skipped_files: list[str] = []  # nothing in an array is unreadable; kept for a uniform interface
+        self.skip_log: Path | None = None
+        self._augment = SeededTransform(transform, seed)
         if self.labels is None:
             self.class_names, self.num_classes = None, None
         else:
@@ -50,12 +56,22 @@ class NpzImages(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the random transform (if any) draws from; also reaches DataLoader workers."""
+        self._augment.set_epoch(epoch)
+
+    def _pil(self, index: int) -> Image.Image:
+        pixels = self.images[index]  # (H, W, 3) or (H, W, 1) uint8
+        return to_rgb(Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels))
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = torch.from_numpy(self.images[index]).permute(2, 0, 1).float().div(127.5).sub(1.0)
-        if image.shape[0] == 1:
-            image = image.expand(3, -1, -1)
-        if image.shape[1:] != (self.resolution, self.resolution):
-            image = F.interpolate(image[None], size=(self.resolution, self.resolution), mode="bicubic",
-                                  antialias=True, align_corners=False)[0].clamp(-1, 1)
+        n = len(self.images)
+        if not -n <= index < n:
+            raise IndexError(f"NpzImages index {index} out of range for {n} images")
+        index %= n
         label = int(self.labels[index]) if self.labels is not None else -1
-        return image.contiguous(), label
+        return self._augment(self._pil(index), self.resolution, index), label
+
+    def pil_item(self, index: int) -> tuple[Image.Image, int, str | None]:
+        """Item `index` untransformed, for packing: (RGB PIL image, label, None)."""
+        return self._pil(index), int(self.labels[index]) if self.labels is not None else -1, None

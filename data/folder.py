@@ -13,15 +13,15 @@ import logging
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from data.errors import DataSourceError
-from data.transforms import IMAGE_EXTENSIONS, load_image, to_tensor
+from data.errors import DataSourceError, load_or_next
+from data.transforms import IMAGE_EXTENSIONS, SeededTransform, TransformConfig, load_image
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-MAX_CONSECUTIVE_FAILURES = 100  # beyond this the data itself is broken, not a stray file
 
 
 def _list_images(directory: Path) -> list[Path]:
@@ -43,13 +43,14 @@ class ImageFolderDataset(Dataset):
     """Map-style dataset over an image folder; `ds[i]` is `(image, label)` with image (3, R, R)
     float32 in [-1, 1] and label the class index, or -1 when the folder has no class sub-folders.
 
-    A file that fails to load is logged once, recorded in `skipped_files` (per process, so per
-    DataLoader worker) and replaced by the next loadable item."""
+    A file that fails to load is recorded with `record_skip` (`skipped_files`, per process, and
+    `skip_log` when set) and replaced by the next loadable item. With a random `transform`, item i
+    of epoch e (`set_epoch`) is cropped/flipped by `default_rng([seed, e, i])`."""
 
     def __init__(self, root: str | Path, resolution: int, split: str = "train",
-                 val_fraction: float = 0.02, seed: int = 0):
-        # `seed` is accepted for a uniform builder signature; nothing here is random, and the split
-        # is deliberately seed-independent so runs with different seeds share one val set
+                 val_fraction: float = 0.02, seed: int = 0, transform: TransformConfig | None = None):
+        # `seed` drives only the random transform: the split is deliberately seed-independent so
+        # runs with different seeds share one val set
         self.root = Path(root).expanduser()
         if split not in SPLITS:
             raise DataSourceError(f"image folder {str(self.root)!r}: split must be one of {list(SPLITS)}, "
@@ -65,7 +66,9 @@ class ImageFolderDataset(Dataset):
                                   f"(looked for images with extensions {' '.join(IMAGE_EXTENSIONS)})")
         self.resolution, self.split, self.val_fraction, self.seed = resolution, split, val_fraction, seed
         self.skipped_files: list[str] = []
+        self.skip_log: Path | None = None  # set by a training loop to collect skips from every process
         self._bad: set[int] = set()
+        self._augment = SeededTransform(transform, seed)
 
         split_dirs = {s: self.root / s for s in SPLITS if (self.root / s).is_dir()}
         if "train" in split_dirs and ("val" in split_dirs or "test" in split_dirs):
@@ -110,25 +113,17 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the random transform (if any) draws from; also reaches DataLoader workers."""
+        self._augment.set_epoch(epoch)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+        return self._augment(load_image(self.files[index]), self.resolution, index), self.labels[index]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        n = len(self.files)
-        if not -n <= index < n:
-            raise IndexError(f"ImageFolderDataset index {index} out of range for {n} images")
-        index %= n
-        for attempt in range(min(n, MAX_CONSECUTIVE_FAILURES)):
-            i = (index + attempt) % n
-            if i in self._bad:
-                continue
-            try:
-                image = to_tensor(load_image(self.files[i]), self.resolution)
-            except Exception as e:  # any decoder error (OSError, SyntaxError, zlib.error, ...) means a bad file
-                self._bad.add(i)
-                self.skipped_files.append(str(self.files[i]))
-                logger.warning("skipping unreadable image %s (%s: %s); using the next one instead",
-                               self.files[i], type(e).__name__, e)
-                continue
-            return image, self.labels[i]
-        raise DataSourceError(
-            f"image folder {str(self.root)!r}: {min(n, MAX_CONSECUTIVE_FAILURES)} consecutive images from "
-            f"index {index} failed to load ({len(self.skipped_files)} unreadable so far, e.g. "
-            f"{self.skipped_files[-1] if self.skipped_files else '?'}); is this an image folder?")
+        return load_or_next(self, index, self._load, lambda i: str(self.files[i]), f"image folder {str(self.root)!r}")
+
+    def pil_item(self, index: int) -> tuple[Image.Image, int, str | None]:
+        """Item `index` untransformed, for packing: (RGB PIL image at its own size, label, file name
+        relative to the root). Raises when the file cannot be decoded."""
+        return load_image(self.files[index]), self.labels[index], self.files[index].relative_to(self.root).as_posix()

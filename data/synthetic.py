@@ -12,7 +12,10 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
+
+from data.transforms import SeededTransform, TransformConfig, tensor_to_pil
 
 # Ten shapes that stay distinguishable at 16-32 px under any rotation (a diamond is an elongated
 # rhombus, not a rotated square; a hexagon was left out because it reads as a circle at 16 px).
@@ -152,10 +155,13 @@ def _box_downsample(mask: np.ndarray, ss: int) -> np.ndarray:
 
 class SyntheticShapes(Dataset):
     """Map-style dataset of `size` images; `ds[i]` is `(image, label)` with image (3, R, R) float32
-    in [-1, 1] and label = i % num_classes, the index of the shape in `class_names`."""
+    in [-1, 1] and label = i % num_classes, the index of the shape in `class_names`.
+
+    Images are rendered at their final size, so `transform.crop` is ignored; `transform.hflip`
+    flips item i of epoch e (`set_epoch`) when `default_rng([seed, e, i])` says so."""
 
     def __init__(self, resolution: int = 32, num_classes: int = 10, size: int = 20000,
-                 split: str = "train", seed: int = 0):
+                 split: str = "train", seed: int = 0, transform: TransformConfig | None = None):
         if not isinstance(resolution, int) or not 16 <= resolution <= 256:
             raise ValueError(f"SyntheticShapes: resolution must be an integer in 16..256, got {resolution!r}")
         if not isinstance(num_classes, int) or not 2 <= num_classes <= len(SHAPE_CLASSES):
@@ -168,6 +174,9 @@ class SyntheticShapes(Dataset):
             raise ValueError(f"SyntheticShapes: seed must be a non-negative integer, got {seed!r}")
         self.resolution, self.num_classes, self.size, self.split, self.seed = resolution, num_classes, size, split, seed
         self.class_names: list[str] = list(SHAPE_CLASSES[:num_classes])
+        self.skipped_files: list[str] = []  # nothing here is unreadable; kept for a uniform interface
+        self.skip_log = None
+        self._augment = SeededTransform(TransformConfig(hflip=True) if transform and transform.hflip else None, seed)
         # supersample the shape 4x (2x above 128 px) and box-downsample: antialiasing at a fixed cost
         self.supersample = 4 if resolution <= 128 else 2
         ss = self.supersample
@@ -182,6 +191,24 @@ class SyntheticShapes(Dataset):
         if not -self.size <= index < self.size:
             raise IndexError(f"SyntheticShapes index {index} out of range for size {self.size}")
         index %= self.size
+        image, label = self._render_item(index)
+        flip_rng = self._augment.rng(index)
+        if flip_rng is not None and flip_rng.random() < 0.5:
+            image = image.flip(-1)
+        return image, label
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the random flip (if any) draws from; also reaches DataLoader workers."""
+        self._augment.set_epoch(epoch)
+
+    def pil_item(self, index: int) -> tuple[Image.Image, int, str | None]:
+        """Item `index` unflipped, for packing: (RGB PIL image of R x R, label, None)."""
+        if not 0 <= index < self.size:
+            raise IndexError(f"SyntheticShapes index {index} out of range for size {self.size}")
+        image, label = self._render_item(index)
+        return tensor_to_pil(image), label, None
+
+    def _render_item(self, index: int) -> tuple[torch.Tensor, int]:
         label = index % self.num_classes
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, SPLIT_IDS[self.split], index]))
         return torch.from_numpy(self.render(rng, SHAPE_CLASSES[label])), label

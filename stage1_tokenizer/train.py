@@ -9,6 +9,7 @@ resumes exactly (`resume="auto"`).
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -38,6 +39,8 @@ class DataConfig:
     source: str = "synthetic:shapes"
     val_source: str | None = None       # None: the same source's "val" split
     resolution: int | None = None       # None: the model's resolution
+    crop: str = "center"                # "center" | "random" (training images only)
+    hflip: bool = False                 # random horizontal flips (training images only)
     num_workers: int = 0
 
 
@@ -85,7 +88,7 @@ class TokenizerTrainConfig:
 
 
 class TrainState:
-    """The loop counter, saved with the rest of the training state."""
+    """The step counter, saved with the rest of the training state."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -154,13 +157,24 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def build_datasets(cfg: TokenizerTrainConfig):
+def build_datasets(cfg: TokenizerTrainConfig, skip_log: Path | None = None):
+    """Training set (with the configured crop/flip) and held-out set (centre crops)."""
     resolution = cfg.data.resolution or cfg.model.resolution
-    train_set = data.build_dataset(cfg.data.source, resolution=resolution, split="train", seed=cfg.train.seed)
+    transform = data.TransformConfig(crop=cfg.data.crop, hflip=cfg.data.hflip)
+    train_set = data.build_dataset(cfg.data.source, resolution=resolution, split="train", seed=cfg.train.seed,
+                                   transform=transform)
+    train_set.skip_log = skip_log  # unreadable files, from every worker and process, end up here
     val_spec = cfg.data.val_source or cfg.data.source
     val_set = data.build_dataset(val_spec, resolution=resolution, split="val" if cfg.data.val_source is None else "train",
-                                 seed=cfg.train.seed)
+                                 seed=cfg.train.seed, shuffle=False)
     return train_set, val_set
+
+
+def _first_images(dataset, n: int) -> torch.Tensor:
+    """The first n images of a map-style or iterable dataset, (n, 3, R, R)."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return torch.stack([image for image, _ in itertools.islice(iter(dataset), n)])
+    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
 
 
 def train(cfg: TokenizerTrainConfig, resume: str | None = None) -> dict:
@@ -201,20 +215,14 @@ def train(cfg: TokenizerTrainConfig, resume: str | None = None) -> dict:
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=disc_lr, betas=tc.betas,
                              weight_decay=tc.weight_decay, fused=fused or None)
 
-    train_set, val_set = build_datasets(cfg)
-    loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.num_workers, pin_memory=accelerator.device.type == "cuda",
-                        persistent_workers=cfg.data.num_workers > 0,
-                        generator=torch.Generator().manual_seed(tc.seed))
-    if len(loader) == 0:
-        raise ValueError(f"data.source={cfg.data.source!r} has {len(train_set)} images, fewer than one "
-                         f"batch of {tc.batch_size}")
-    model, discriminator, opt_g, opt_d, loader = accelerator.prepare(model, discriminator, opt_g, opt_d, loader)
+    train_set, val_set = build_datasets(cfg, skip_log=out_dir / "skipped")
+    model, discriminator, opt_g, opt_d = accelerator.prepare(model, discriminator, opt_g, opt_d)
+    stream = data.ResumableLoader(train_set, batch_size=tc.batch_size, accelerator=accelerator,
+                                  num_workers=cfg.data.num_workers, seed=tc.seed)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    accelerator.register_for_checkpointing(loss_fn)  # LeCam EMAs
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    for obj in (state, stream, loss_fn, ema):  # loss_fn holds the LeCam EMAs
+        if obj is not None:
+            accelerator.register_for_checkpointing(obj)
 
     raw_model = accelerator.unwrap_model(model)
     raw_disc = accelerator.unwrap_model(discriminator)
@@ -224,25 +232,13 @@ def train(cfg: TokenizerTrainConfig, resume: str | None = None) -> dict:
         accelerator.print(f"resumed from {ckpt} at step {state.step}")
         if accelerator.is_main_process:
             _truncate_metrics(metrics_path, state.step)
-    elif accelerator.is_main_process and metrics_path.exists():
-        metrics_path.unlink()  # a fresh run starts a fresh log
+    elif accelerator.is_main_process:  # a fresh run starts fresh logs
+        metrics_path.unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "skipped", ignore_errors=True)
     accelerator.init_trackers("tokenizer")
 
-    fixed_val = torch.stack([val_set[i][0] for i in range(min(8, len(val_set)))]).to(accelerator.device)
-    batches_per_epoch = len(loader)
+    fixed_val = _first_images(val_set, 8).to(accelerator.device)
 
-    def batches():
-        """Endless (epoch, batch) stream that restarts mid-epoch exactly where a checkpoint left off."""
-        consumed = state.step * tc.grad_accum
-        epoch, skip = divmod(consumed, batches_per_epoch)
-        while True:
-            loader.set_epoch(epoch)
-            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-            for images, _labels in epoch_loader:
-                yield images.contiguous(memory_format=memory_format)
-            epoch, skip = epoch + 1, 0
-
-    stream = batches()
     progress = tqdm(total=tc.steps, initial=state.step, desc="tokenizer", disable=not accelerator.is_local_main_process,
                     dynamic_ncols=True)
     images_seen, t_last = 0, time.perf_counter()
@@ -257,7 +253,7 @@ def train(cfg: TokenizerTrainConfig, resume: str | None = None) -> dict:
         micro_batches, fakes, logs = [], [], {}
         raw_disc.requires_grad_(False)
         for micro in range(tc.grad_accum):
-            images = next(stream)
+            images = next(stream)[0].contiguous(memory_format=memory_format)
             sync = micro == tc.grad_accum - 1
             with nullcontext() if sync else accelerator.no_sync(model):
                 with accelerator.autocast():
@@ -320,15 +316,23 @@ def train(cfg: TokenizerTrainConfig, resume: str | None = None) -> dict:
     if accelerator.is_main_process:
         final_model.save_pretrained(out_dir / "tokenizer")
         _save_reconstructions(final_model, fixed_val, out_dir / "images" / "final.png")
-        n_eval = min(tc.eval_images, len(val_set))
-        eval_set = torch.utils.data.Subset(val_set, range(n_eval))
-        results = reconstruction_metrics(final_model, DataLoader(eval_set, batch_size=tc.eval_batch_size),
-                                         device=accelerator.device)
-        results.update({"step": state.step, "eval_split": val_spec_name(cfg), "eval_images": n_eval})
+        eval_loader = DataLoader(_limit(val_set, tc.eval_images), batch_size=tc.eval_batch_size)
+        results = reconstruction_metrics(final_model, eval_loader, device=accelerator.device)
+        skipped = data.read_skip_log(out_dir / "skipped")
+        results.update({"step": state.step, "eval_split": val_spec_name(cfg), "eval_images": results["images"],
+                        "skipped_files": len(skipped)})
+        if skipped:
+            accelerator.print(f"{len(skipped)} unreadable training images were skipped; see {out_dir / 'skipped'}")
         atomic_write_json(out_dir / "final_metrics.json", results)
         accelerator.print(json.dumps(results, indent=2))
     accelerator.end_training()
     return results
+
+
+def _limit(dataset, n: int):
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return list(itertools.islice(iter(dataset), n))
+    return torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
 
 
 def val_spec_name(cfg: TokenizerTrainConfig) -> str:

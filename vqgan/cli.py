@@ -41,6 +41,34 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_pack(args: argparse.Namespace) -> int:
+    from data.pack import pack_dataset
+
+    manifest = pack_dataset(args.source, args.out, shard_size=args.shard_size, resolution=args.resolution,
+                            image_format=args.format, split=args.split, seed=args.seed)
+    last = len(manifest["shards"]) - 1
+    urls = Path(args.out) / f"shard-{{000000..{last:06d}}}.tar"
+    print(f"{manifest['count']} images in {last + 1} shards under {args.out} "
+          f"({manifest.get('skipped', 0)} unreadable skipped); read them with the data spec wds:{urls}")
+    return 0
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    import torch
+
+    from stage1_tokenizer import VQGAN
+    from stage1_tokenizer.encode import encode_dataset
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = VQGAN.from_pretrained(args.tokenizer, device=device)
+    manifest = encode_dataset(tokenizer, args.data, args.out, resolution=args.resolution, split=args.split,
+                              flip=args.flip, batch_size=args.batch_size, shard_size=args.shard_size,
+                              device=device, num_workers=args.num_workers)
+    print(f"{manifest['total']} images -> codes {manifest['code_shape']} in {len(manifest['shards'])} shards "
+          f"under {args.out} (tokenizer {manifest['tokenizer_hash'][:12]})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqgan", description="Two-stage image generation: VQGAN tokenizer + priors.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -69,15 +97,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.set_defaults(func=_cmd_reconstruct)
+
+    p = sub.add_parser("encode", help="encode a dataset once into code shards for stage 2",
+                       description="Encode every image of a data source with a tokenizer into memory-mappable "
+                                   "code shards plus a manifest recording the tokenizer's content hash. "
+                                   "Rerunning after an interruption continues where it stopped.",
+                       epilog="example: vqgan encode --tokenizer runs/tiny/tokenizer --data synthetic:shapes "
+                              "--out runs/tiny/codes --flip")
+    p.add_argument("--tokenizer", required=True, type=Path, help="directory written by save_pretrained")
+    p.add_argument("--data", required=True, help="data spec, e.g. synthetic:shapes, folder:PATH, wds:URLS, hf:NAME")
+    p.add_argument("--out", required=True, type=Path, help="output directory for the shards")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--flip", action="store_true", help="also store the codes of the horizontally flipped images")
+    p.add_argument("--resolution", type=int, default=None, help="default: the tokenizer's resolution")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=10000, help="images per shard")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.set_defaults(func=_cmd_encode)
+
+    p = sub.add_parser("data", help="data utilities (pack)")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = data_sub.add_parser("pack", help="write any data source as webdataset tar shards",
+                            description="Write a data source as webdataset tar shards (image + class + JSON "
+                                        "metadata) with a manifest (counts, class names, sha256 per shard). "
+                                        "Rerunning after an interruption completes the set.",
+                            epilog="example: vqgan data pack folder:~/photos --out shards/ --resolution 256")
+    p.add_argument("source", help="data spec to read, e.g. folder:PATH, hf:NAME, synthetic:shapes")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="resize (shorter side) + centre-crop to this size; required for synthetic sources")
+    p.add_argument("--format", default="png", choices=["png", "jpg"])
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_data_pack)
     return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe bad input (naming the file or option): printed without a traceback."""
     from data import DataSourceError
+    from data.codes import CodeShardError
     from stage1_tokenizer import TokenizerLoadError
     from stage1_tokenizer.perceptual import PerceptualWeightsMissing
-    return ConfigError, DataSourceError, TokenizerLoadError, PerceptualWeightsMissing, FileNotFoundError
+    return ConfigError, DataSourceError, CodeShardError, TokenizerLoadError, PerceptualWeightsMissing, FileNotFoundError
 
 
 def main(argv: list[str] | None = None) -> int:

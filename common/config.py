@@ -148,8 +148,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Read a YAML preset (or start from defaults when `path` is None), apply overrides, validate."""
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
+                section: str | None = None) -> T:
+    """Read a YAML preset (or start from defaults when `path` is None), apply overrides, validate.
+
+    A preset holds one section per stage (`tokenizer:`, `prior:`, ...); `section` picks one, and
+    the overrides are then relative to it (`train.steps=100`, not `tokenizer.train.steps=100`)."""
     data: dict[str, Any] = {}
     where = "config"
     if path is not None:
@@ -164,5 +168,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data = loaded or {}
+        if section is not None:
+            if section not in data:
+                raise ConfigError(f"{path}: no '{section}:' section (found {sorted(data)})")
+            data = data[section] or {}
+            where = f"{path}:{section}"
     apply_overrides(data, overrides or [])
     return config_from_dict(cls, data, where=where)

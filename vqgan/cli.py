@@ -3,7 +3,7 @@
 Examples:
     vqgan train-tokenizer --config configs/tiny.yaml train.steps=200
     vqgan train-tokenizer --config configs/tiny.yaml --resume auto
-    vqgan reconstruct --tokenizer runs/tiny/tokenizer --images my_images/ --out recon/
+    vqgan reconstruct --tokenizer runs/tiny/stage1/tokenizer --images my_images/ --out recon/
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from common import load_config
     from stage1_tokenizer.train import TokenizerTrainConfig, train
 
-    cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
+    cfg = load_config(TokenizerTrainConfig, args.config, args.overrides, section="tokenizer")
     results = train(cfg, resume=args.resume)
     if results:
         print(f"held-out PSNR {results['psnr']:.2f} dB (mean-colour baseline {results['mean_colour_psnr']:.2f} dB), "
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reconstruct", help="encode and decode a folder of images with a tokenizer",
                        description="Reconstruct every image of a folder; writes the reconstructions, a "
                                    "side-by-side grid and metrics.json (PSNR, codebook usage).",
-                       epilog="example: vqgan reconstruct --tokenizer runs/tiny/tokenizer --images imgs/ --out recon/")
+                       epilog="example: vqgan reconstruct --tokenizer runs/tiny/stage1/tokenizer --images imgs/ --out recon/")
     p.add_argument("--tokenizer", required=True, type=Path, help="directory written by save_pretrained")
     p.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode every image of a data source with a tokenizer into memory-mappable "
                                    "code shards plus a manifest recording the tokenizer's content hash. "
                                    "Rerunning after an interruption continues where it stopped.",
-                       epilog="example: vqgan encode --tokenizer runs/tiny/tokenizer --data synthetic:shapes "
+                       epilog="example: vqgan encode --tokenizer runs/tiny/stage1/tokenizer --data synthetic:shapes "
                               "--out runs/tiny/codes --flip")
     p.add_argument("--tokenizer", required=True, type=Path, help="directory written by save_pretrained")
     p.add_argument("--data", required=True, help="data spec, e.g. synthetic:shapes, folder:PATH, wds:URLS, hf:NAME")

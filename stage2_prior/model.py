@@ -1,0 +1,337 @@
+"""The stage-2 prior: a decoder-only GPT over the tokenizer's integer codes (LlamaGen-style c2i).
+
+The GPT never sees images or the tokenizer, only codes. A code grid (B, h, w) or (B, h, w, D) is
+flattened position-major, depth-minor into L = h*w*D tokens; a code c at depth d becomes token
+`offset[d] + c`. Class k is token `vocab_size + k` and the null (unconditional) class is
+`vocab_size + num_classes`; the condition token starts the sequence:
+
+    input   [cond, t_0, ..., t_{L-2}]  ->  targets [t_0, ..., t_{L-1}]
+
+Public API: `PriorConfig`, `GPTPrior` (`forward`, `flatten_codes` / `unflatten_tokens`,
+`save_pretrained` / `from_pretrained`, `estimate_mfu`), `PriorLoadError`, `PRIOR_SIZES`.
+Sampling lives in `stage2_prior.sample.generate`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from x_transformers import Decoder, TransformerWrapper
+
+from common import ConfigError, atomic_dir, config_from_dict, config_to_dict
+
+MODEL_TYPE = "vqgan-prior"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PRIOR_TYPES = ("ar",)          # "masked" (MaskGIT) comes later
+POSITIONS = ("rotary", "learned")
+
+# LlamaGen's GPT sizes (autoregressive/models/gpt.py), for `PriorConfig(**PRIOR_SIZES["GPT-B"], ...)`
+PRIOR_SIZES = {
+    "GPT-B": dict(dim=768, depth=12, heads=12),
+    "GPT-L": dict(dim=1024, depth=24, heads=16),
+    "GPT-XL": dict(dim=1280, depth=36, heads=20),
+}
+
+
+@dataclass
+class PriorConfig:
+    prior_type: str = "ar"                  # "ar" only for now; a masked prior comes later
+    vocab_sizes: tuple[int, ...] = (1024,)  # vocabulary of each code level (from the tokenizer)
+    code_shape: tuple[int, ...] = (16, 16)  # (h, w) or (h, w, D): D codes per position
+    num_classes: int = 0                    # 0 = unconditional
+    class_dropout: float = 0.1              # label dropout for classifier-free guidance (LlamaGen)
+    dim: int = 512
+    depth: int = 8
+    heads: int = 8
+    dropout: float = 0.0
+    positions: str = "rotary"               # "rotary" | "learned"
+
+    def __post_init__(self) -> None:
+        self.vocab_sizes = tuple(self.vocab_sizes)
+        self.code_shape = tuple(self.code_shape)
+        if self.prior_type not in PRIOR_TYPES:
+            raise ValueError(f"prior_type={self.prior_type!r} is not supported; expected one of {list(PRIOR_TYPES)}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions={self.positions!r} is not supported; expected one of {list(POSITIONS)}")
+        if len(self.code_shape) not in (2, 3) or any(int(s) < 1 for s in self.code_shape):
+            raise ValueError(f"code_shape={list(self.code_shape)} must be (h, w) or (h, w, D) with positive sizes")
+        if not self.vocab_sizes or any(int(v) < 1 for v in self.vocab_sizes):
+            raise ValueError(f"vocab_sizes={list(self.vocab_sizes)} must be one or more positive sizes")
+        if len(self.vocab_sizes) not in (1, self.code_depth):
+            raise ValueError(f"vocab_sizes={list(self.vocab_sizes)} must have 1 entry (shared) or one per code "
+                             f"level (D={self.code_depth} from code_shape={list(self.code_shape)})")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes={self.num_classes} must be >= 0 (0 = unconditional)")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ValueError(f"class_dropout={self.class_dropout} must lie in [0, 1)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
+        if self.depth < 1 or self.heads < 1 or self.dim < 1:
+            raise ValueError(f"dim={self.dim}, depth={self.depth}, heads={self.heads} must all be positive")
+        if self.dim % self.heads:
+            raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}")
+
+    @property
+    def code_depth(self) -> int:
+        """D: codes per grid position (1 for (h, w))."""
+        return self.code_shape[2] if len(self.code_shape) == 3 else 1
+
+    @property
+    def seq_len(self) -> int:
+        """L = h * w * D."""
+        return math.prod(self.code_shape)
+
+    @property
+    def vocab_size(self) -> int:
+        """Total code tokens: the sum over levels (levels share one vocabulary when len(vocab_sizes) == 1)."""
+        return sum(self.vocab_sizes)
+
+    @property
+    def level_sizes(self) -> tuple[int, ...]:
+        """Vocabulary of each depth 0..D-1."""
+        return self.vocab_sizes if len(self.vocab_sizes) > 1 else self.vocab_sizes * self.code_depth
+
+    @property
+    def null_token(self) -> int:
+        """The unconditional / start token, after the code and class tokens."""
+        return self.vocab_size + self.num_classes
+
+
+class PriorLoadError(ValueError):
+    """A pretrained prior directory is missing, malformed, or was trained on another tokenizer's codes."""
+
+
+class GPTPrior(nn.Module):
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        self.config = config
+        self.tokenizer_hash: str = ""             # set by from_pretrained
+        self.tokenizer_config: dict | None = None
+        V, L, D = config.vocab_size, config.seq_len, config.code_depth
+        rotary = config.positions == "rotary"
+        self.transformer = TransformerWrapper(
+            num_tokens=V + config.num_classes + 1,   # codes, classes, null
+            max_seq_len=L,
+            logits_dim=V,                            # only code tokens are ever predicted
+            use_abs_pos_emb=not rotary,
+            emb_dropout=config.dropout,
+            attn_layers=Decoder(dim=config.dim, depth=config.depth, heads=config.heads,
+                                attn_dim_head=config.dim // config.heads, attn_flash=True,
+                                rotary_pos_emb=rotary, attn_dropout=config.dropout, ff_dropout=config.dropout),
+        )
+        # token id offset and allowed-token row of each depth; position p has depth p % D
+        shared = len(config.vocab_sizes) == 1
+        offsets = [0] * D if shared else [sum(config.vocab_sizes[:d]) for d in range(D)]
+        allowed = torch.zeros(D, V, dtype=torch.bool)
+        for d, (start, size) in enumerate(zip(offsets, config.level_sizes)):
+            allowed[d, start:start + size] = True
+        self.register_buffer("level_offsets", torch.tensor(offsets), persistent=False)          # (D,)
+        self.register_buffer("level_sizes", torch.tensor(config.level_sizes), persistent=False)  # (D,)
+        self.register_buffer("level_allowed", allowed, persistent=False)                        # (D, V)
+        self.register_buffer("position_depth", torch.arange(L) % D, persistent=False)           # (L,)
+        self.has_level_mask = not shared  # separate vocabularies: mask other levels' logits
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("to_out.weight") or name.endswith("ff.2.weight"):
+                # GPT-2 / nanoGPT: scale residual projections by 1/sqrt(2 * n_layer)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.depth))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # nanoGPT init; x-transformers' defaults are PyTorch's kaiming-uniform Linear and a kaiming-normal
+        # token embedding (std sqrt(2/dim), large for a GPT). The learned position embedding keeps its
+        # own init: x-transformers multiplies it by dim ** -0.5.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding) and module is self.transformer.token_emb.emb:
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ---- properties ---------------------------------------------------------------------------
+    @property
+    def prior_type(self) -> str:
+        return self.config.prior_type
+
+    @property
+    def code_shape(self) -> tuple[int, ...]:
+        return self.config.code_shape
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    # ---- codes <-> tokens ---------------------------------------------------------------------
+    def flatten_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, *code_shape) or (B, L), without offsets -> token ids (B, L) with level offsets."""
+        shape, L = self.config.code_shape, self.config.seq_len
+        if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+            raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+        if tuple(codes.shape[1:]) == shape:
+            codes = codes.reshape(codes.shape[0], L)   # raster over (h, w), then the D codes of each position
+        elif codes.dim() != 2 or codes.shape[1] != L:
+            raise ValueError(f"codes must have shape (B, {', '.join(map(str, shape))}) or (B, {L}), "
+                             f"got {tuple(codes.shape)}")
+        codes = codes.long()
+        sizes = self.level_sizes[self.position_depth]  # (L,)
+        bad = (codes < 0) | (codes >= sizes)
+        if bad.any():
+            b, p = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"code {int(codes[b, p])} at sequence position {p} (depth {p % self.config.code_depth}) "
+                             f"is out of range [0, {int(sizes[p])}) for its level")
+        return codes + self.level_offsets[self.position_depth]
+
+    def unflatten_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """token ids (B, L) with offsets -> codes (B, *code_shape) without offsets."""
+        codes = tokens.long() - self.level_offsets[self.position_depth]
+        return codes.reshape(tokens.shape[0], *self.config.code_shape)
+
+    def cond_tokens(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """Class ids (B,) or None -> condition tokens (B,); None = the null (unconditional) token."""
+        config = self.config
+        device = self.level_offsets.device
+        if labels is None:
+            return torch.full((batch_size,), config.null_token, dtype=torch.long, device=device)
+        if config.num_classes == 0:
+            raise ValueError("labels were given to an unconditional prior (num_classes=0); pass labels=None")
+        labels = torch.as_tensor(labels, device=device)
+        if labels.dim() != 1 or labels.shape[0] != batch_size or labels.dtype.is_floating_point:
+            raise ValueError(f"labels must be integer class ids of shape ({batch_size},), "
+                             f"got {labels.dtype} {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= config.num_classes):
+            raise ValueError(f"class ids must lie in [0, {config.num_classes}), "
+                             f"got range [{int(labels.min())}, {int(labels.max())}]")
+        return labels.long() + config.vocab_size
+
+    def mask_logits(self, logits: torch.Tensor, positions: slice | int = slice(None)) -> torch.Tensor:
+        """Set the logits of other levels' tokens to -inf; logits (B, n, V) for sequence `positions`."""
+        if not self.has_level_mask:
+            return logits
+        allowed = self.level_allowed[self.position_depth[positions]]  # (n, V) or (V,)
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """codes (B, *code_shape) or (B, L), labels (B,) or None -> (logits (B, L, V), mean cross-entropy)."""
+        tokens = self.flatten_codes(codes)                           # (B, L)
+        B = tokens.shape[0]
+        cond = self.cond_tokens(labels, B)                           # (B,)
+        if self.training and labels is not None and self.config.class_dropout > 0:
+            # LlamaGen label dropout: the model also learns p(codes), needed for classifier-free guidance
+            drop = torch.rand(B, device=cond.device) < self.config.class_dropout
+            cond = cond.masked_fill(drop, self.config.null_token)
+        inputs = torch.cat([cond[:, None], tokens[:, :-1]], dim=1)  # (B, L)
+        logits = self.mask_logits(self.transformer(inputs))         # (B, L, V)
+        loss = F.cross_entropy(rearrange(logits, "b l v -> (b l) v").float(), tokens.reshape(-1))
+        return logits, loss
+
+    # ---- size and speed -----------------------------------------------------------------------
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameter count; `non_embedding` leaves out the learned position embedding (nanoGPT)."""
+        n = sum(p.numel() for p in self.parameters())
+        pos_emb = getattr(self.transformer.pos_emb, "emb", None)
+        if non_embedding and isinstance(pos_emb, nn.Embedding):
+            n -= pos_emb.weight.numel()
+        return n
+
+    def estimate_flops_per_token(self) -> float:
+        """Training FLOPs per token, forward + backward: 6N + 12 * depth * dim * L (PaLM appendix B, nanoGPT)."""
+        c = self.config
+        return 6.0 * self.num_parameters(non_embedding=True) + 12.0 * c.depth * c.dim * c.seq_len
+
+    def estimate_mfu(self, tokens_per_second: float, peak_flops: float) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s over the accelerator's peak FLOP/s."""
+        return self.estimate_flops_per_token() * tokens_per_second / peak_flops
+
+    # ---- save / load --------------------------------------------------------------------------
+    def config_dict(self, tokenizer_hash: str, tokenizer_config: dict | None) -> dict:
+        return {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, "config": config_to_dict(self.config),
+                "tokenizer_hash": tokenizer_hash, "tokenizer_config": tokenizer_config}
+
+    def save_pretrained(self, directory: str | Path, *, tokenizer_hash: str,
+                        tokenizer_config: dict | None = None) -> Path:
+        """Write config.json (with the hash of the tokenizer whose codes it models) + model.safetensors atomically."""
+        if not isinstance(tokenizer_hash, str) or not tokenizer_hash:
+            raise ValueError("save_pretrained needs tokenizer_hash: the content_hash() of the tokenizer "
+                             "whose codes this prior was trained on")
+        directory = Path(directory)
+        meta = self.config_dict(tokenizer_hash, tokenizer_config)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_dir(directory) as tmp:
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"model_type": MODEL_TYPE})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, tokenizer_hash: str | None = None,
+                        device: str | torch.device = "cpu") -> "GPTPrior":
+        """Load a directory written by `save_pretrained`; every mismatch is a PriorLoadError.
+
+        With `tokenizer_hash`, also check that the prior was trained on that tokenizer's codes."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise PriorLoadError(f"prior directory {directory} does not exist")
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not config_path.is_file():
+            raise PriorLoadError(f"{config_path} is missing: expected the JSON config written by save_pretrained")
+        try:
+            meta = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PriorLoadError(f"{config_path} is not valid JSON: {e}") from e
+        if not isinstance(meta, dict) or meta.get("model_type") != MODEL_TYPE or "config" not in meta:
+            raise PriorLoadError(f"{config_path}: expected an object with model_type={MODEL_TYPE!r} "
+                                 f"and a 'config' section")
+        known = {"model_type", "format_version", "config", "tokenizer_hash", "tokenizer_config"}
+        unknown = sorted(set(meta) - known)
+        if unknown:
+            raise PriorLoadError(f"{config_path}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise PriorLoadError(f"{config_path}: format_version {meta.get('format_version')!r} is not supported "
+                                 f"(this code reads version {FORMAT_VERSION})")
+        recorded = meta.get("tokenizer_hash")
+        if not isinstance(recorded, str) or not recorded:
+            raise PriorLoadError(f"{config_path}: 'tokenizer_hash' must be the non-empty content hash of the "
+                                 f"tokenizer the prior was trained on, got {recorded!r}")
+        tokenizer_config = meta.get("tokenizer_config")
+        if tokenizer_config is not None and not isinstance(tokenizer_config, dict):
+            raise PriorLoadError(f"{config_path}: 'tokenizer_config' must be an object or null")
+        if tokenizer_hash is not None and tokenizer_hash != recorded:
+            raise PriorLoadError(f"{config_path}: this prior was trained on codes of tokenizer {recorded}, "
+                                 f"you passed {tokenizer_hash}")
+        try:
+            config = config_from_dict(PriorConfig, meta["config"], where=f"{config_path}:config")
+        except ConfigError as e:
+            raise PriorLoadError(str(e)) from e
+        model = cls(config)
+        if not weights_path.is_file():
+            raise PriorLoadError(f"{weights_path} is missing: expected the safetensors weights")
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError) as e:
+            raise PriorLoadError(f"{weights_path} is not a readable safetensors file: {e}") from e
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+        if missing or unexpected or wrong:
+            parts = [f"missing keys {missing[:8]}" if missing else "",
+                     f"unexpected keys {unexpected[:8]}" if unexpected else "",
+                     f"wrong shapes {wrong[:8]}" if wrong else ""]
+            raise PriorLoadError(f"{weights_path} does not match {config_path}: " + "; ".join(p for p in parts if p))
+        model.load_state_dict(state, strict=True)
+        model.tokenizer_hash, model.tokenizer_config = recorded, tokenizer_config
+        return model.to(device).eval()

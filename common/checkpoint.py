@@ -27,8 +27,15 @@ def find_checkpoint(out_dir: str | Path, resume: str | None) -> Path | None:
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
         return path
     ckpt_root = Path(out_dir) / "checkpoints"
-    found = sorted(p for p in ckpt_root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)) if ckpt_root.is_dir() else []
+    found = _checkpoints(ckpt_root)
     return found[-1] if found else None
+
+
+def _checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints (`step_N`, not `.tmp_step_N`), oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.glob("step_*") if re.fullmatch(r"step_\d+", p.name))
 
 
 def save_checkpoint(accelerator: Any, out_dir: str | Path, step: int, keep: int) -> Path:
@@ -44,15 +51,15 @@ def save_checkpoint(accelerator: Any, out_dir: str | Path, step: int, keep: int)
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # a kill before this line leaves the previous checkpoint intact
-        old = sorted(p for p in ckpt_root.glob("step_*") if re.fullmatch(r"step_\d+", p.name))
-        for path in old[:-keep] if keep > 0 else []:
+        for path in _checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
             shutil.rmtree(path, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
 def truncate_metrics(path: str | Path, step: int) -> None:
-    """Drop JSON-lines records past `step` (and any line cut short by a kill), so a resumed run's log reads as one uninterrupted run."""
+    """Drop JSON-lines records past `step` (and any line cut short by a kill), so a resumed run's log
+    reads as one uninterrupted run."""
     path = Path(path)
     if not path.is_file():
         return

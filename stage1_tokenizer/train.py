@@ -12,8 +12,6 @@ import copy
 import itertools
 import json
 import math
-import os
-import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -27,7 +25,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import data
-from common import atomic_write_json, atomic_write_text, config_to_dict
+from common import atomic_write_json, config_to_dict
+from common.checkpoint import find_checkpoint, save_checkpoint, truncate_metrics
 from stage1_tokenizer.discriminator import NLayerDiscriminator
 from stage1_tokenizer.losses import LossConfig, VQGANLoss
 from stage1_tokenizer.model import VQGAN, VQGANConfig
@@ -119,44 +118,6 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         ema_b.copy_(b)
 
 
-def find_checkpoint(out_dir: Path, resume: str | None) -> Path | None:
-    """`auto`: the newest complete checkpoint under out_dir (None if there is none); else a path."""
-    if resume is None:
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        if not path.is_dir():
-            raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
-        return path
-    ckpt_root = out_dir / "checkpoints"
-    found = sorted(p for p in ckpt_root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)) if ckpt_root.is_dir() else []
-    return found[-1] if found else None
-
-
-def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, keep: int) -> None:
-    ckpt_root = out_dir / "checkpoints"
-    final, tmp = ckpt_root / f"step_{step:08d}", ckpt_root / f".tmp_step_{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # a kill before this line leaves the previous checkpoint intact
-        for old in sorted(ckpt_root.glob("step_*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines past the resumed step, so the log reads as one uninterrupted run."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
 def build_datasets(cfg: TokenizerTrainConfig, skip_log: Path | None = None):
     """Training set (with the configured crop/flip) and held-out set (centre crops)."""
     resolution = cfg.data.resolution or cfg.model.resolution
@@ -231,7 +192,7 @@ def train(cfg: TokenizerTrainConfig, resume: str | None = None) -> dict:
         accelerator.load_state(str(ckpt))
         accelerator.print(f"resumed from {ckpt} at step {state.step}")
         if accelerator.is_main_process:
-            _truncate_metrics(metrics_path, state.step)
+            truncate_metrics(metrics_path, state.step)
     elif accelerator.is_main_process:  # a fresh run starts fresh logs
         metrics_path.unlink(missing_ok=True)
         shutil.rmtree(out_dir / "skipped", ignore_errors=True)

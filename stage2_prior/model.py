@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from x_transformers import Decoder, TransformerWrapper
 
 from common import ConfigError, atomic_dir, config_from_dict, config_to_dict
+
+with warnings.catch_warnings():  # x-transformers' attend.py uses the deprecated torch.jit.script at import
+    warnings.simplefilter("ignore", FutureWarning)
+    from x_transformers import Decoder, TransformerWrapper
 
 MODEL_TYPE = "vqgan-prior"
 FORMAT_VERSION = 1
@@ -126,8 +130,8 @@ class GPTPrior(nn.Module):
             use_abs_pos_emb=not rotary,
             emb_dropout=config.dropout,
             attn_layers=Decoder(dim=config.dim, depth=config.depth, heads=config.heads,
-                                attn_dim_head=config.dim // config.heads, attn_flash=True,
-                                rotary_pos_emb=rotary, attn_dropout=config.dropout, ff_dropout=config.dropout),
+                                attn_dim_head=config.dim // config.heads, attn_flash=True, rotary_pos_emb=rotary,
+                                attn_dropout=config.dropout, ff_dropout=config.dropout, verbose=False),
         )
         # token id offset and allowed-token row of each depth; position p has depth p % D
         shared = len(config.vocab_sizes) == 1
@@ -237,6 +241,16 @@ class GPTPrior(nn.Module):
         logits = self.mask_logits(self.transformer(inputs))         # (B, L, V)
         loss = F.cross_entropy(rearrange(logits, "b l v -> (b l) v").float(), tokens.reshape(-1))
         return logits, loss
+
+    def forward_tokens(self, inputs: torch.Tensor, cache=None):
+        """Raw logits (B, n, V) for input token ids (B, n) (condition token first), and the new KV cache.
+
+        With `cache` (x-transformers' LayerIntermediates from the previous call), `inputs` holds only
+        the new tokens; x-transformers offsets rotary and absolute positions by the cached length."""
+        if cache is None:
+            return self.transformer(inputs, return_intermediates=True)
+        return self.transformer(inputs, return_intermediates=True, cache=cache, input_not_include_cache=True,
+                                cache_age=inputs.shape[1])
 
     # ---- size and speed -----------------------------------------------------------------------
     def num_parameters(self, non_embedding: bool = False) -> int:

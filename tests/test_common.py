@@ -56,3 +56,14 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary left behind
     atomic_write_json(tmp_path / "x.json", {"a": 1})
     assert (tmp_path / "x.json").read_text().strip() == '{\n  "a": 1\n}'
+
+
+def test_yaml_no_stays_a_string():
+    @dataclass
+    class Precision:
+        mixed_precision: str = "bf16"
+        flag: bool = True
+
+    assert load_config(Precision, None, ["mixed_precision=no", "flag=false"]) == Precision("no", False)
+    with pytest.raises(ConfigError, match="flag: expected true or false"):
+        load_config(Precision, None, ["flag=yes"])

@@ -69,6 +69,96 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_prior(args: argparse.Namespace) -> int:
+    from common import load_config
+    from stage2_prior.train import PriorRunConfig, train
+
+    cfg = load_config(PriorRunConfig, args.config, args.overrides, section="prior")
+    results = train(cfg, resume=args.resume)
+    if results:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--classes {text!r}: expected comma-separated class ids, e.g. 0,3,7") from None
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from stage2_prior.images import load_pair, sample_images
+
+    prior, tokenizer = load_pair(args.prior, args.tokenizer, device=_device(args.device))
+    try:
+        record = sample_images(prior, tokenizer, args.out, classes=_int_list(args.classes), n=args.n,
+                               cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
+    except ValueError as e:  # sampling options that do not fit this prior (class range, guidance, ...)
+        raise ConfigError(str(e)) from e
+    print(f"{record['n']} samples written to {args.out} (grid: {Path(args.out) / 'grid.png'})")
+    return 0
+
+
+def _cmd_complete(args: argparse.Namespace) -> int:
+    import torch
+
+    from data import load_image, to_tensor
+    from stage2_prior.images import box_to_keep_mask, complete_images, load_pair
+
+    prior, tokenizer = load_pair(args.prior, args.tokenizer, device=_device(args.device))
+    resolution = tokenizer.config.resolution
+    paths = [Path(p) for p in args.images]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"--images: {path} does not exist")
+    images = torch.stack([to_tensor(load_image(p), resolution) for p in paths])
+    h, w = tokenizer.code_grid(resolution)
+    if args.box:
+        try:
+            box = tuple(int(v) for v in args.box.split(","))
+            assert len(box) == 4
+        except (ValueError, AssertionError):
+            raise ConfigError(f"--box {args.box!r}: expected four pixel coordinates x0,y0,x1,y1") from None
+        keep = box_to_keep_mask(box, (resolution, resolution), (h, w))
+    else:  # keep the top half, regenerate the bottom (taming's completion demo)
+        keep = torch.zeros(h, w, dtype=torch.bool)
+        keep[: h // 2] = True
+    labels = None
+    if args.label is not None:
+        labels = torch.full((len(paths),), args.label, dtype=torch.long)
+    try:
+        record = complete_images(prior, tokenizer, images, keep, args.out, labels=labels, samples=args.samples,
+                                 cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, seed=args.seed)
+    except ValueError as e:  # a box, class or guidance that does not fit this prior
+        raise ConfigError(str(e)) from e
+    print(f"completed {record['images']} image(s) x {record['samples_per_image']} samples, regenerating "
+          f"{record['regenerated_positions']} of {h * w} code positions; grid in {Path(args.out) / 'grid.png'}")
+    return 0
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prior", required=True, type=Path, help="directory written by train-prior (OUT/prior)")
+    p.add_argument("--tokenizer", required=True, type=Path, help="the tokenizer the prior was trained with")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqgan", description="Two-stage image generation: VQGAN tokenizer + priors.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -116,6 +206,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.set_defaults(func=_cmd_encode)
 
+    p = sub.add_parser("train-prior", help="train the stage-2 GPT prior on code shards",
+                       description="Train the autoregressive prior on the code shards written by `vqgan encode`. "
+                                   "Writes checkpoints, logs, sample grids and OUT/prior (safetensors).",
+                       epilog="example: vqgan train-prior --config configs/tiny.yaml train.steps=500\n"
+                              + EPILOG_OVERRIDES.replace("model.quantizer.codebook_size=512 loss.perceptual_weight=0",
+                                                         "model.depth=4 data.conditional=false"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML preset with a 'prior:' section, e.g. configs/tiny.yaml")
+    p.add_argument("--resume", metavar="auto|PATH", help="'auto' continues from the newest checkpoint in train.out_dir")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (relative to 'prior:')")
+    p.set_defaults(func=_cmd_train_prior)
+
+    p = sub.add_parser("sample", help="sample images from a prior + tokenizer",
+                       description="Sample codes with the KV-cached sampler and decode them. With --classes, "
+                                   "--n images per class (one grid row per class); without, --n unconditional "
+                                   "images.",
+                       epilog="example: vqgan sample --prior runs/tiny/stage2/prior --tokenizer runs/tiny/stage1/tokenizer "
+                              "--classes 0,3,7 --n 16 --cfg 2.0 --out samples/")
+    _add_sampling_options(p)
+    p.add_argument("--classes", default=None, help="comma-separated class ids, e.g. 0,3,7 (default: unconditional)")
+    p.add_argument("--n", type=int, default=16, help="images per class (or in total when unconditional)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("complete", help="complete images: keep some codes, sample the rest",
+                       description="Encode images, keep the code positions outside a pixel box (default: keep "
+                                   "the top half), sample the rest under the prior, decode. An autoregressive "
+                                   "prior conditions only on kept codes that come earlier in raster order.",
+                       epilog="example: vqgan complete --prior P --tokenizer T --images a.png b.png "
+                              "--box 0,16,32,32 --out completed/")
+    _add_sampling_options(p)
+    p.add_argument("--images", nargs="+", required=True, help="image files to complete")
+    p.add_argument("--box", default=None, help="pixel box x0,y0,x1,y1 to regenerate (default: the bottom half)")
+    p.add_argument("--label", type=int, default=None, help="class id to complete under (class-conditional priors)")
+    p.add_argument("--samples", type=int, default=4, help="completions per image")
+    p.set_defaults(func=_cmd_complete)
+
     p = sub.add_parser("data", help="data utilities (pack)")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = data_sub.add_parser("pack", help="write any data source as webdataset tar shards",
@@ -141,7 +268,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data.codes import CodeShardError
     from stage1_tokenizer import TokenizerLoadError
     from stage1_tokenizer.perceptual import PerceptualWeightsMissing
-    return ConfigError, DataSourceError, CodeShardError, TokenizerLoadError, PerceptualWeightsMissing, FileNotFoundError
+    from stage2_prior import PriorLoadError
+    return (ConfigError, DataSourceError, CodeShardError, TokenizerLoadError, PriorLoadError, PerceptualWeightsMissing,
+            FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

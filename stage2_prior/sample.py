@@ -1,0 +1,197 @@
+"""Batched sampling from a `GPTPrior` with x-transformers' key/value cache (LlamaGen's `generate`).
+
+One token per step for the whole batch; the cache makes a step cost O(position) instead of
+recomputing the prefix (taming's default `sample` path). `use_cache=False` recomputes the prefix
+every step and draws the same random numbers, so it is a reference for tests, not for use.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from stage2_prior.model import GPTPrior
+
+
+def _check_options(prior: GPTPrior, cfg_scale: float, temperature: float, top_k: int | None,
+                   top_p: float | None) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
+    if cfg_scale != 1.0 and prior.config.num_classes == 0:
+        raise ValueError(f"classifier-free guidance needs a class-conditional prior; this one has num_classes=0, "
+                         f"so use cfg_scale=1 (got {cfg_scale})")
+
+
+def _keep_tensors(prior: GPTPrior, batch_size: int, keep_codes: torch.Tensor | None,
+                  keep_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> keep (B, L) bool and forced token ids (B, L) (zeros where not kept)."""
+    L, shape, device = prior.seq_len, prior.code_shape, prior.level_offsets.device
+    if keep_codes is None and keep_mask is None:
+        return (torch.zeros(batch_size, L, dtype=torch.bool, device=device),
+                torch.zeros(batch_size, L, dtype=torch.long, device=device))
+    if keep_codes is None or keep_mask is None:
+        raise ValueError("keep_codes and keep_mask go together: the mask says which positions of keep_codes to keep")
+    keep_mask = torch.as_tensor(keep_mask, device=device)
+    if keep_mask.dtype != torch.bool:
+        raise ValueError(f"keep_mask must be a bool tensor, got {keep_mask.dtype}")
+    dims = tuple(keep_mask.shape)
+    if dims in (shape, (L,)):
+        keep = keep_mask.reshape(1, L).expand(batch_size, L)
+    elif dims in ((batch_size, *shape), (batch_size, L)):
+        keep = keep_mask.reshape(batch_size, L)
+    else:
+        raise ValueError(f"keep_mask must have shape ({L},), {shape}, ({batch_size}, {L}) or "
+                         f"({batch_size}, {', '.join(map(str, shape))}), got {dims}")
+    keep_codes = torch.as_tensor(keep_codes, device=device)
+    if keep_codes.shape[0] == 1 and batch_size > 1:
+        keep_codes = keep_codes.expand(batch_size, *keep_codes.shape[1:])
+    if keep_codes.shape[0] != batch_size:
+        raise ValueError(f"keep_codes has batch size {keep_codes.shape[0]}, expected {batch_size} (or 1)")
+    codes = keep_codes.reshape(batch_size, -1) if tuple(keep_codes.shape[1:]) == shape else keep_codes
+    if codes.dim() == 2 and codes.shape[1] == L:
+        codes = torch.where(keep, codes.long(), 0)  # only kept positions must be valid codes
+    forced = prior.flatten_codes(codes)             # shape and range checks; (B, L) token ids
+    return keep, forced
+
+
+def _sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,): temperature, then top-k, then top-p, then one Gumbel-max draw."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    V = logits.shape[-1]
+    if top_k is not None and top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token once the mass before it already reaches top_p; the most likely token always stays
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    # Gumbel-max (argmax of logits + Gumbel noise) is an exact categorical sample that draws a
+    # fixed-shape tensor per step, so the cached and uncached paths consume the generator alike
+    gen_device = generator.device if generator is not None else logits.device
+    uniform = torch.rand(logits.shape, generator=generator, device=gen_device, dtype=torch.float32)
+    gumbel = -torch.log(-torch.log(uniform.to(logits.device, torch.float64)))
+    return (logits.to(torch.float64) + gumbel).argmax(dim=-1)
+
+
+class _Progress:
+    """A minimal progress line on stderr (tqdm when installed)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar, self.total, self.done, self.enabled = None, total, 0, enabled
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=total, desc="sampling", unit="tok")
+            except ImportError:
+                pass
+
+    def update(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.enabled and (self.done == self.total or self.done % max(1, self.total // 10) == 0):
+            print(f"sampling: {self.done}/{self.total} tokens", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@torch.no_grad()
+def generate(prior: GPTPrior, n: int | None = None, *, labels: torch.Tensor | None = None, cfg_scale: float = 1.0,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None, seed: int | None = None,
+             keep_codes: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None,
+             use_cache: bool = True, progress: bool = False) -> torch.Tensor:
+    """Sample codes (B, *code_shape) from an autoregressive prior, B = n or len(labels).
+
+    labels (B,) class ids (None = unconditional); cfg_scale != 1 applies classifier-free guidance,
+    logits = uncond + s * (cond - uncond), with the conditional and null-class rows in one doubled
+    batch (LlamaGen); without labels there is nothing to guide and cfg_scale has no effect.
+    Completion / editing: where keep_mask ((L,), code_shape, (B, L) or (B, *code_shape), bool) is
+    True the token is forced to keep_codes (B, *code_shape) instead of sampled. The prior is
+    autoregressive, so a sampled position sees only the kept codes before it in raster order, never
+    those after it. `seed` (or `generator`) makes the result reproducible.
+    """
+    config = prior.config
+    if prior.prior_type != "ar":
+        raise ValueError(f"generate samples autoregressive priors; this prior has prior_type={prior.prior_type!r}")
+    _check_options(prior, cfg_scale, temperature, top_k, top_p)
+    if generator is not None and seed is not None:
+        raise ValueError("pass generator or seed, not both")
+    device = prior.level_offsets.device
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    if labels is not None:
+        labels = torch.as_tensor(labels, device=device)
+        if labels.dim() != 1:
+            raise ValueError(f"labels must be class ids of shape (B,), got shape {tuple(labels.shape)}")
+        if n is not None and n != labels.shape[0]:
+            raise ValueError(f"n={n} does not match the {labels.shape[0]} labels given")
+        B = labels.shape[0]
+    elif n is None or isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"give the number of samples n (a positive integer) or labels, got n={n!r}")
+    else:
+        B = n
+    cond = prior.cond_tokens(labels, B)                        # (B,)
+    guided = cfg_scale != 1.0 and labels is not None
+    if guided:
+        cond = torch.cat([cond, torch.full_like(cond, config.null_token)])  # (2B,): cond rows, then null rows
+    pair = 2 if guided else 1
+
+    L = config.seq_len
+    keep, forced = _keep_tensors(prior, B, keep_codes, keep_mask)           # (B, L), (B, L)
+    free_steps = (~keep).any(dim=0).tolist()                                 # hoisted: any row sampled at t?
+    if not any(free_steps):
+        raise ValueError("keep_mask keeps every position: there is nothing to sample")
+    start = free_steps.index(True)                                           # leading positions all kept
+    tokens = forced.clone()                                                  # (B, L), filled in place
+    level_masked, editing = prior.has_level_mask, keep_mask is not None
+
+    def next_logits(logits: torch.Tensor, t: int) -> torch.Tensor:
+        """last-position logits (pair*B, V) -> guided, level-masked logits (B, V) for position t."""
+        if guided:
+            cond_logits, uncond_logits = logits.chunk(2)
+            logits = uncond_logits + cfg_scale * (cond_logits - uncond_logits)
+        return prior.mask_logits(logits, t) if level_masked else logits
+
+    was_training = prior.training
+    prior.eval()
+    bar = _Progress(L - start, progress)
+    try:
+        # prefill: the condition and every leading kept token in one pass
+        inputs = torch.cat([cond[:, None], tokens[:, :start].repeat(pair, 1)], dim=1)  # (pair*B, start+1)
+        logits, cache = prior.forward_tokens(inputs)
+        cache = cache if use_cache else None
+        for t in range(start, L):
+            if free_steps[t]:
+                sampled = _sample_tokens(next_logits(logits[:, -1], t), temperature, top_k, top_p, generator)
+                tokens[:, t] = torch.where(keep[:, t], forced[:, t], sampled) if editing else sampled
+            bar.update()
+            if t == L - 1:
+                break
+            if use_cache:
+                logits, cache = prior.forward_tokens(tokens[:, t:t + 1].repeat(pair, 1), cache)  # new token only
+            elif free_steps[t + 1]:
+                inputs = torch.cat([cond[:, None], tokens[:, :t + 1].repeat(pair, 1)], dim=1)  # (pair*B, t+2)
+                logits, _ = prior.forward_tokens(inputs)
+    finally:
+        bar.close()
+        prior.train(was_training)
+    return prior.unflatten_tokens(tokens)

@@ -72,3 +72,27 @@ def truncate_metrics(path: str | Path, step: int) -> None:
         if isinstance(record, dict) and record.get("step", step + 1) <= step:
             kept.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+class TrainState:
+    """The step counter, saved with the rest of the training state (`register_for_checkpointing`)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def update_ema(ema: Any, model: Any, decay: float) -> None:
+    """DiT's EMA step: ema = decay * ema + (1 - decay) * model for parameters; buffers copied."""
+    import torch
+
+    with torch.no_grad():
+        for ema_p, p in zip(ema.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - decay)
+        for ema_b, b in zip(ema.buffers(), model.buffers()):
+            ema_b.copy_(b)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from common import ConfigError, atomic_dir, config_from_dict, config_to_dict
+from common.pretrained import load_strict_state, read_pretrained_config
 from stage1_tokenizer.layers import Decoder, Encoder
 from stage1_tokenizer.quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
 
@@ -155,41 +155,14 @@ class VQGAN(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "VQGAN":
         """Load a directory written by `save_pretrained`; every mismatch is a TokenizerLoadError."""
         directory = Path(directory)
-        if not directory.is_dir():
-            raise TokenizerLoadError(f"tokenizer directory {directory} does not exist")
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        if not config_path.is_file():
-            raise TokenizerLoadError(f"{config_path} is missing: expected the JSON config written by save_pretrained")
-        try:
-            meta = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TokenizerLoadError(f"{config_path} is not valid JSON: {e}") from e
-        if not isinstance(meta, dict) or meta.get("model_type") != MODEL_TYPE or "config" not in meta:
-            raise TokenizerLoadError(f"{config_path}: expected an object with model_type={MODEL_TYPE!r} "
-                                     f"and a 'config' section")
+        meta = read_pretrained_config(directory, CONFIG_NAME, MODEL_TYPE, TokenizerLoadError)
         try:
             config = config_from_dict(VQGANConfig, meta["config"], where=str(config_path))
         except ConfigError as e:
             raise TokenizerLoadError(str(e)) from e
         model = cls(config)
-        if not weights_path.is_file():
-            raise TokenizerLoadError(f"{weights_path} is missing: expected the safetensors weights")
-        try:
-            state = load_file(str(weights_path))
-        except (SafetensorError, OSError) as e:
-            raise TokenizerLoadError(f"{weights_path} is not a readable safetensors file: {e}") from e
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
-        if missing or unexpected or wrong:
-            parts = [f"missing keys {missing[:8]}" if missing else "",
-                     f"unexpected keys {unexpected[:8]}" if unexpected else "",
-                     f"wrong shapes {wrong[:8]}" if wrong else ""]
-            raise TokenizerLoadError(f"{weights_path} does not match {config_path}: "
-                                     + "; ".join(p for p in parts if p))
-        model.load_state_dict(state, strict=True)
+        load_strict_state(model, weights_path, config_path, TokenizerLoadError)
         return model.to(device).eval()
 
     def num_parameters(self) -> int:

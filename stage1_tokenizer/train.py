@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import data
 from common import atomic_write_json, config_to_dict
-from common.checkpoint import find_checkpoint, save_checkpoint, truncate_metrics
+from common.checkpoint import TrainState, find_checkpoint, save_checkpoint, truncate_metrics, update_ema
 from stage1_tokenizer.discriminator import NLayerDiscriminator
 from stage1_tokenizer.losses import LossConfig, VQGANLoss
 from stage1_tokenizer.model import VQGAN, VQGANConfig
@@ -86,19 +86,6 @@ class TokenizerTrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-class TrainState:
-    """The step counter, saved with the rest of the training state."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-
-
 def get_lr(step: int, base_lr: float, cfg: TrainConfig) -> float:
     """Linear warm-up, then constant or cosine decay to min_lr_ratio * base_lr."""
     if step < cfg.warmup_steps:
@@ -108,14 +95,6 @@ def get_lr(step: int, base_lr: float, cfg: TrainConfig) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     floor = base_lr * cfg.min_lr_ratio
     return floor + 0.5 * (base_lr - floor) * (1 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for ema_p, p in zip(ema.parameters(), model.parameters()):
-        ema_p.lerp_(p.detach(), 1.0 - decay)
-    for ema_b, b in zip(ema.buffers(), model.buffers()):
-        ema_b.copy_(b)
 
 
 def build_datasets(cfg: TokenizerTrainConfig, skip_log: Path | None = None):

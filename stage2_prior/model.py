@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from common import ConfigError, atomic_dir, config_from_dict, config_to_dict
+from common.pretrained import load_strict_state, read_pretrained_config
 
 with warnings.catch_warnings():  # x-transformers' attend.py uses the deprecated torch.jit.script at import
     warnings.simplefilter("ignore", FutureWarning)
@@ -296,18 +296,8 @@ class GPTPrior(nn.Module):
 
         With `tokenizer_hash`, also check that the prior was trained on that tokenizer's codes."""
         directory = Path(directory)
-        if not directory.is_dir():
-            raise PriorLoadError(f"prior directory {directory} does not exist")
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        if not config_path.is_file():
-            raise PriorLoadError(f"{config_path} is missing: expected the JSON config written by save_pretrained")
-        try:
-            meta = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PriorLoadError(f"{config_path} is not valid JSON: {e}") from e
-        if not isinstance(meta, dict) or meta.get("model_type") != MODEL_TYPE or "config" not in meta:
-            raise PriorLoadError(f"{config_path}: expected an object with model_type={MODEL_TYPE!r} "
-                                 f"and a 'config' section")
+        meta = read_pretrained_config(directory, CONFIG_NAME, MODEL_TYPE, PriorLoadError)
         known = {"model_type", "format_version", "config", "tokenizer_hash", "tokenizer_config"}
         unknown = sorted(set(meta) - known)
         if unknown:
@@ -330,22 +320,6 @@ class GPTPrior(nn.Module):
         except ConfigError as e:
             raise PriorLoadError(str(e)) from e
         model = cls(config)
-        if not weights_path.is_file():
-            raise PriorLoadError(f"{weights_path} is missing: expected the safetensors weights")
-        try:
-            state = load_file(str(weights_path))
-        except (SafetensorError, OSError) as e:
-            raise PriorLoadError(f"{weights_path} is not a readable safetensors file: {e}") from e
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
-        if missing or unexpected or wrong:
-            parts = [f"missing keys {missing[:8]}" if missing else "",
-                     f"unexpected keys {unexpected[:8]}" if unexpected else "",
-                     f"wrong shapes {wrong[:8]}" if wrong else ""]
-            raise PriorLoadError(f"{weights_path} does not match {config_path}: " + "; ".join(p for p in parts if p))
-        model.load_state_dict(state, strict=True)
+        load_strict_state(model, weights_path, config_path, PriorLoadError)
         model.tokenizer_hash, model.tokenizer_config = recorded, tokenizer_config
         return model.to(device).eval()

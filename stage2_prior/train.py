@@ -33,7 +33,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from common import ConfigError, atomic_write_bytes, atomic_write_json, config_to_dict
-from common.checkpoint import find_checkpoint, save_checkpoint, truncate_metrics
+from common.checkpoint import TrainState, find_checkpoint, save_checkpoint, truncate_metrics, update_ema
 from data import ResumableLoader
 from data.codes import CodeDataset
 from stage1_tokenizer import VQGAN
@@ -103,19 +103,6 @@ class PriorRunConfig:
     train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
 
 
-class TrainState:
-    """The step counter, saved with the rest of the training state."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-
-
 def get_lr(step: int, cfg: PriorTrainConfig) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to min_lr_ratio * lr at cfg.steps (nanoGPT)."""
     if step < cfg.warmup_steps:
@@ -123,14 +110,6 @@ def get_lr(step: int, cfg: PriorTrainConfig) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """DiT's EMA step over named parameters."""
-    ema_params = dict(ema.named_parameters())
-    for name, param in model.named_parameters():
-        ema_params[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: PriorTrainConfig, fused: bool) -> torch.optim.AdamW:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from stage1_tokenizer import VQGAN, QuantizerConfig, TokenizerLoadError, VectorQuantizer, VQGANConfig
-from stage1_tokenizer.train import update_ema
+from common.checkpoint import update_ema
 
 
 def tiny_config(ch_mult=(1, 2, 2), resolution=32, **quant) -> VQGANConfig:

@@ -24,16 +24,9 @@ from torch.utils.data import DataLoader, IterableDataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import machine_header  # noqa: E402
+
 from data import SyntheticShapes, build_dataset, pack_dataset  # noqa: E402
-
-
-def machine_header() -> str:
-    load = os.getloadavg()
-    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
-    warn = "  WARNING: machine busy, numbers unreliable" if load[0] > 0.5 else ""
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-            f"load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}{warn}\n"
-            f"malloc settings: {malloc or 'glibc defaults'}")
 
 
 def make_sources(root: Path, n: int) -> dict[str, str]:

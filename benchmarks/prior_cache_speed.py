@@ -22,16 +22,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import machine_header  # noqa: E402
+
 from stage2_prior import PRIOR_SIZES, GPTPrior, PriorConfig, generate  # noqa: E402
-
-
-def machine_header() -> str:
-    load = os.getloadavg()
-    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
-    warn = "  WARNING: machine busy, numbers unreliable" if load[0] > 1.0 else ""
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-            f"load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}{warn}\n"
-            f"malloc settings: {malloc or 'glibc defaults'}")
 
 
 def time_sampling(prior: GPTPrior, batch: int, use_cache: bool, runs: int) -> tuple[float, torch.Tensor]:

@@ -22,20 +22,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import machine_header  # noqa: E402
+
 from common import load_config  # noqa: E402
 from stage1_tokenizer import VQGAN  # noqa: E402
 from stage1_tokenizer.discriminator import NLayerDiscriminator  # noqa: E402
 from stage1_tokenizer.losses import VQGANLoss  # noqa: E402
 from stage1_tokenizer.perceptual import build_lpips  # noqa: E402
 from stage1_tokenizer.train import TokenizerTrainConfig  # noqa: E402
-
-
-def machine_header() -> str:
-    load = os.getloadavg()[0]
-    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
-    warn = "  WARNING: machine busy, numbers unreliable" if load > 0.5 else ""
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {load:.2f}{warn}\n"
-            f"malloc settings: {malloc or 'glibc defaults'}")
 
 
 def time_training_step(cfg: TokenizerTrainConfig, steps: int, warmup: int, gan: bool, device: str,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import math
 import shutil
 import time
 from contextlib import nullcontext
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 import data
 from common import atomic_write_json, config_to_dict
 from common.checkpoint import TrainState, find_checkpoint, save_checkpoint, truncate_metrics, update_ema
+from common.schedule import warmup_lr
 from stage1_tokenizer.discriminator import NLayerDiscriminator
 from stage1_tokenizer.losses import LossConfig, VQGANLoss
 from stage1_tokenizer.model import VQGAN, VQGANConfig
@@ -88,13 +88,8 @@ class TokenizerTrainConfig:
 
 def get_lr(step: int, base_lr: float, cfg: TrainConfig) -> float:
     """Linear warm-up, then constant or cosine decay to min_lr_ratio * base_lr."""
-    if step < cfg.warmup_steps:
-        return base_lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return base_lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    floor = base_lr * cfg.min_lr_ratio
-    return floor + 0.5 * (base_lr - floor) * (1 + math.cos(math.pi * progress))
+    return warmup_lr(step, base_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+                     min_lr_ratio=cfg.min_lr_ratio, schedule=cfg.lr_schedule)
 
 
 def build_datasets(cfg: TokenizerTrainConfig, skip_log: Path | None = None):

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from common import ConfigError, atomic_write_bytes, atomic_write_json, config_to_dict
 from common.checkpoint import TrainState, find_checkpoint, save_checkpoint, truncate_metrics, update_ema
+from common.schedule import warmup_lr
 from data import ResumableLoader
 from data.codes import CodeDataset
 from stage1_tokenizer import VQGAN
@@ -105,11 +106,8 @@ class PriorRunConfig:
 
 def get_lr(step: int, cfg: PriorTrainConfig) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to min_lr_ratio * lr at cfg.steps (nanoGPT)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+    return warmup_lr(step, cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+                     min_lr_ratio=cfg.min_lr_ratio)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: PriorTrainConfig, fused: bool) -> torch.optim.AdamW:

@@ -1,7 +1,7 @@
 """On-class accuracy of a class-conditional prior: are samples of the class that was asked for?
 
-    python benchmarks/on_class.py --prior runs/tiny/stage2/prior --tokenizer runs/tiny/stage1/tokenizer \
-        --per-class 10 --cfg 1 2 3
+    python benchmarks/on_class.py --prior runs/demo/stage2/prior --tokenizer runs/demo/stage1/tokenizer \
+        --per-class 10 --cfg 1 2 3 --temperature 1 0.7
 
 Samples `--per-class` images of every class at each guidance scale (KV-cached, fixed seed),
 decodes them, and labels them with a small CNN trained on the real images of `--source`
@@ -25,17 +25,21 @@ from eval.classifier import ClassifierConfig, accuracy, load_or_train_classifier
 from stage2_prior import generate  # noqa: E402
 from stage2_prior.images import load_pair  # noqa: E402
 
+TINY_SOURCE = "synthetic:shapes?shape_size=0.55-0.85&textures=plain&layout=centered"  # configs/tiny.yaml
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prior", required=True, type=Path)
     parser.add_argument("--tokenizer", required=True, type=Path)
-    parser.add_argument("--source", default="synthetic:shapes", help="real images the classifier learns from")
+    parser.add_argument("--source", default=TINY_SOURCE,
+                        help="real images the classifier learns from (default: the tiny preset's)")
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0, 3.0])
+    parser.add_argument("--temperature", type=float, nargs="+", default=[1.0])
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--classifier-cache", type=Path, default=REPO / "runs" / "classifier-shapes32")
+    parser.add_argument("--classifier-cache", type=Path, default=REPO / "runs" / "classifier")
     parser.add_argument("--classifier-width", type=int, default=ClassifierConfig.width)
     parser.add_argument("--classifier-steps", type=int, default=ClassifierConfig.steps)
     parser.add_argument("--device", default="cpu")
@@ -58,15 +62,17 @@ def main() -> None:
     print(f"prior {args.prior}: {prior.num_parameters() / 1e6:.2f}M params, {num_classes} classes, "
           f"{prior.seq_len} tokens per image")
     print(f"classifier accuracy: real held-out {100 * real_acc:.1f}%, tokenizer reconstructions {100 * recon_acc:.1f}%")
-    print(f"\n| guidance | on-class accuracy ({args.per_class} x {num_classes} samples) | sampling s |")
-    print("|---|---|---|")
+    print(f"\n| guidance | temperature | on-class accuracy ({args.per_class} x {num_classes} samples) | sampling s |")
+    print("|---|---|---|---|")
     asked = torch.arange(num_classes).repeat_interleave(args.per_class)
-    for scale in args.cfg:
-        t0 = time.perf_counter()
-        codes = generate(prior, labels=asked.to(args.device), cfg_scale=scale, top_k=args.top_k, seed=args.seed)
-        seconds = time.perf_counter() - t0
-        hits = (predict(classifier, tokenizer.decode(codes).cpu()) == asked).float().mean().item()
-        print(f"| {scale:g} | {100 * hits:.1f}% | {seconds:.1f} |")
+    for temperature in args.temperature:
+        for scale in args.cfg:
+            t0 = time.perf_counter()
+            codes = generate(prior, labels=asked.to(args.device), cfg_scale=scale, temperature=temperature,
+                             top_k=args.top_k, seed=args.seed)
+            seconds = time.perf_counter() - t0
+            hits = (predict(classifier, tokenizer.decode(codes).cpu()) == asked).float().mean().item()
+            print(f"| {scale:g} | {temperature:g} | {100 * hits:.1f}% | {seconds:.1f} |")
 
 
 if __name__ == "__main__":

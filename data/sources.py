@@ -2,6 +2,7 @@
 
     synthetic:shapes                      embedded procedural shapes, no download
     synthetic:shapes?classes=4&size=512   the first 4 shape classes, 512 images per split
+    synthetic:shapes?shape_size=0.55-0.85&textures=smooth   larger shapes on smooth backgrounds
     folder:/data/imagenet?val_fraction=0.01
     npz:cifar10/train.npz?classes=cifar10  uint8 images (N, H, W, 3) + labels; every split reads it all
     hf:cifar10@train?image=img            a Hugging Face dataset: hub name, save_to_disk dir or image dir
@@ -30,7 +31,7 @@ from data.arrays import NpzImages
 from data.errors import DataSourceError
 from data.folder import ImageFolderDataset
 from data.hf import load_hf_images
-from data.synthetic import SHAPE_CLASSES, SyntheticShapes
+from data.synthetic import LAYOUTS, SHAPE_CLASSES, TEXTURES, SyntheticShapes
 from data.transforms import TransformConfig
 from data.wds import WdsImages, shuffle_buffer_size
 
@@ -151,11 +152,27 @@ def _bool_option(spec: str, options: dict[str, str], key: str, default: bool) ->
 def _build_synthetic(arg: str, options: dict[str, str], req: Request) -> Dataset:
     if arg != "shapes":
         raise _error(req.spec, f"unknown synthetic dataset {arg!r}; available: shapes")
-    _check_keys(req.spec, "synthetic", options, ("classes", "size"))
+    _check_keys(req.spec, "synthetic", options, ("classes", "size", "shape_size", "textures", "layout"))
     classes = _int_option(req.spec, options, "classes", len(SHAPE_CLASSES), 2, len(SHAPE_CLASSES))
     size = _int_option(req.spec, options, "size", 20000 if req.split == "train" else 1000, 1)
+    shape_size = (0.35, 0.75)
+    if "shape_size" in options:
+        try:
+            shape_size = tuple(float(v) for v in options["shape_size"].split("-"))
+        except ValueError:
+            shape_size = ()
+        if len(shape_size) != 2 or not 0.1 <= shape_size[0] <= shape_size[1] <= 1.0:
+            raise _error(req.spec, f"option shape_size={options['shape_size']!r}: expected MIN-MAX diameter "
+                                   f"fractions with 0.1 <= MIN <= MAX <= 1, e.g. 0.55-0.85")
+    textures = options.get("textures", "all")
+    if textures not in TEXTURES:
+        raise _error(req.spec, f"option textures={textures!r}: expected one of {', '.join(TEXTURES)}")
+    layout = options.get("layout", "free")
+    if layout not in LAYOUTS:
+        raise _error(req.spec, f"option layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
     return SyntheticShapes(resolution=req.resolution, num_classes=classes, size=size, split=req.split,
-                           seed=req.seed, transform=req.transform)
+                           seed=req.seed, transform=req.transform, shape_size=shape_size, textures=textures,
+                           layout=layout)
 
 
 def _build_folder(arg: str, options: dict[str, str], req: Request) -> Dataset:
@@ -209,7 +226,8 @@ class Source:
 
 
 SOURCES: dict[str, Source] = {
-    "synthetic": Source(_build_synthetic, "synthetic:shapes[?classes=2..10&size=N]"),
+    "synthetic": Source(_build_synthetic,
+                        "synthetic:shapes[?classes=2..10&size=N&shape_size=MIN-MAX&textures=all|smooth|plain&layout=free|centered]"),
     "folder": Source(_build_folder, "folder:PATH[?val_fraction=0.02]"),
     "npz": Source(_build_npz, "npz:FILE.npz[?classes=cifar10] (uint8 'images' (N,H,W,3), optional 'labels')"),
     "hf": Source(_build_hf, "hf:NAME[:CONFIG][@SPLIT] or hf:DIR[@SPLIT] (Hugging Face datasets)"

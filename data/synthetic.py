@@ -91,6 +91,10 @@ SHAPE_FNS: dict[str, ShapeFn] = {
 }
 # a heart upside down reads as something else; every other shape may take any rotation
 MAX_ROTATION = {"heart": 0.6}
+# layout "centered": the shape's centre within 5 % of the side of the image centre, turned at most
+# 0.2 rad (11 degrees) from upright
+LAYOUTS = ("free", "centered")
+CENTERED_JITTER, CENTERED_ROTATION = 0.05, 0.2
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -109,10 +113,17 @@ def _with_luma(rgb: np.ndarray, target: float) -> np.ndarray:
     return rgb + (1.0 - rgb) * ((target - luma) / max(1.0 - luma, 1e-6))
 
 
-def _background(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, res: int) -> np.ndarray:
+# smooth: gradients and noise blobs only, no stripes or checkerboards; plain: one flat colour
+TEXTURES = ("all", "smooth", "plain")
+
+
+def _background(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, res: int,
+                textures: str = "all") -> np.ndarray:
     """A texture field t in [0, 1], (R, R) float32; x is (1, R), y is (R, 1), both in [-0.5, 0.5].
     The periodic ones are soft-clipped sines so their edges are antialiased without supersampling."""
-    kind = int(rng.integers(4))
+    if textures == "plain":
+        return np.zeros((y.shape[0], x.shape[1]), dtype=np.float32)
+    kind = int(rng.integers(4)) if textures == "all" else (0, 3)[int(rng.integers(2))]
     theta = rng.uniform(0, 2 * math.pi)
     c, s = math.cos(theta), math.sin(theta)
     if kind == 0:  # smooth two-colour gradient
@@ -157,11 +168,18 @@ class SyntheticShapes(Dataset):
     """Map-style dataset of `size` images; `ds[i]` is `(image, label)` with image (3, R, R) float32
     in [-1, 1] and label = i % num_classes, the index of the shape in `class_names`.
 
+    `shape_size` is the range of the shape's diameter as a fraction of the side; `textures="smooth"`
+    leaves out the striped and checkered backgrounds, `"plain"` paints one flat colour. Both only
+    change how hard the images are: small shapes on busy textures are ambiguous once an f4
+    tokenizer has coded a 32 px image, and a small prior learns flat backgrounds in a few steps.
+    `layout="centered"` puts every shape near the centre, nearly upright: the easiest variant.
+
     Images are rendered at their final size, so `transform.crop` is ignored; `transform.hflip`
     flips item i of epoch e (`set_epoch`) when `default_rng([seed, e, i])` says so."""
 
     def __init__(self, resolution: int = 32, num_classes: int = 10, size: int = 20000,
-                 split: str = "train", seed: int = 0, transform: TransformConfig | None = None):
+                 split: str = "train", seed: int = 0, transform: TransformConfig | None = None,
+                 shape_size: tuple[float, float] = (0.35, 0.75), textures: str = "all", layout: str = "free"):
         if not isinstance(resolution, int) or not 16 <= resolution <= 256:
             raise ValueError(f"SyntheticShapes: resolution must be an integer in 16..256, got {resolution!r}")
         if not isinstance(num_classes, int) or not 2 <= num_classes <= len(SHAPE_CLASSES):
@@ -172,7 +190,16 @@ class SyntheticShapes(Dataset):
             raise ValueError(f"SyntheticShapes: split must be one of {list(SPLIT_IDS)}, got {split!r}")
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"SyntheticShapes: seed must be a non-negative integer, got {seed!r}")
+        lo, hi = (float(v) for v in shape_size)
+        if not 0.1 <= lo <= hi <= 1.0:
+            raise ValueError(f"SyntheticShapes: shape_size must be (min, max) with 0.1 <= min <= max <= 1, "
+                             f"got {tuple(shape_size)!r}")
+        if textures not in TEXTURES:
+            raise ValueError(f"SyntheticShapes: textures must be one of {list(TEXTURES)}, got {textures!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"SyntheticShapes: layout must be one of {list(LAYOUTS)}, got {layout!r}")
         self.resolution, self.num_classes, self.size, self.split, self.seed = resolution, num_classes, size, split, seed
+        self.shape_size, self.textures, self.layout = (lo, hi), textures, layout
         self.class_names: list[str] = list(SHAPE_CLASSES[:num_classes])
         self.skipped_files: list[str] = []  # nothing here is unreadable; kept for a uniform interface
         self.skip_log = None
@@ -226,16 +253,20 @@ class SyntheticShapes(Dataset):
         c1 = _with_luma(_hsv(bg_hue, bg_sat, 1.0), rng.uniform(lo, hi))
         c2_hue, c2_sat = bg_hue + rng.uniform(-0.1, 0.1), bg_sat * rng.uniform(0.5, 1.0)
         c2 = _with_luma(_hsv(c2_hue, c2_sat, 1.0), rng.uniform(lo, hi))
-        t = _background(rng, self._x, self._y, res)
+        t = _background(rng, self._x, self._y, res, self.textures)
         # channels first: numpy broadcasting with an innermost axis of length 3 is several times slower
         image = c1[:, None, None] + (c2 - c1)[:, None, None] * t  # (3, R, R)
 
-        # geometry in output pixels: diameter 35-75 % of the side, at least ~85 % of it inside
-        radius = rng.uniform(0.35, 0.75) * res / 2
-        margin = 0.85 * radius
-        cx, cy = rng.uniform(margin, res - margin), rng.uniform(margin, res - margin)
-        max_rot = MAX_ROTATION.get(shape, math.pi)
-        angle = rng.uniform(-max_rot, max_rot)
+        # geometry in output pixels: diameter a shape_size fraction of the side, at least ~85 % of it inside
+        radius = rng.uniform(*self.shape_size) * res / 2
+        if self.layout == "centered":
+            cx, cy = res / 2 + rng.uniform(-CENTERED_JITTER, CENTERED_JITTER, size=2) * res
+            angle = rng.uniform(-CENTERED_ROTATION, CENTERED_ROTATION)
+        else:
+            margin = 0.85 * radius
+            cx, cy = rng.uniform(margin, res - margin), rng.uniform(margin, res - margin)
+            max_rot = MAX_ROTATION.get(shape, math.pi)
+            angle = rng.uniform(-max_rot, max_rot)
         cos, sin = math.cos(angle), math.sin(angle)
 
         # render only the shape's bounding box, at ss x ss sub-pixels per pixel; 1.1x because the

@@ -59,7 +59,7 @@ def train_classifier(config: ClassifierConfig, progress: bool = True) -> SmallCN
     model = SmallCNN(config.num_classes, config.width)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps)
-    stream = data.ResumableLoader(dataset, batch_size=config.batch_size, seed=config.seed)
+    stream = data.ResumableLoader(dataset, batch_size=min(config.batch_size, len(dataset)), seed=config.seed)
     model.train()
     for _ in tqdm(range(config.steps), desc="classifier", disable=not progress):
         images, labels = next(stream)

@@ -242,15 +242,10 @@ class GPTPrior(nn.Module):
         loss = F.cross_entropy(rearrange(logits, "b l v -> (b l) v").float(), tokens.reshape(-1))
         return logits, loss
 
-    def forward_tokens(self, inputs: torch.Tensor, cache=None):
-        """Raw logits (B, n, V) for input token ids (B, n) (condition token first), and the new KV cache.
-
-        With `cache` (x-transformers' LayerIntermediates from the previous call), `inputs` holds only
-        the new tokens; x-transformers offsets rotary and absolute positions by the cached length."""
-        if cache is None:
-            return self.transformer(inputs, return_intermediates=True)
-        return self.transformer(inputs, return_intermediates=True, cache=cache, input_not_include_cache=True,
-                                cache_age=inputs.shape[1])
+    def forward_tokens(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Raw logits (B, n, V) for input token ids (B, n), condition token first; the full forward pass
+        (the cached sampler is `kv_cache.StaticKVDecoder`)."""
+        return self.transformer(inputs)
 
     # ---- size and speed -----------------------------------------------------------------------
     def num_parameters(self, non_embedding: bool = False) -> int:

@@ -1,8 +1,9 @@
-"""Batched sampling from a `GPTPrior` with x-transformers' key/value cache (LlamaGen's `generate`).
+"""Batched sampling from a `GPTPrior` with a static key/value cache (LlamaGen's `generate`).
 
-One token per step for the whole batch; the cache makes a step cost O(position) instead of
-recomputing the prefix (taming's default `sample` path). `use_cache=False` recomputes the prefix
-every step and draws the same random numbers, so it is a reference for tests, not for use.
+One token per step for the whole batch; the cache (`kv_cache.StaticKVDecoder`) makes a step cost
+O(position) instead of recomputing the prefix (taming's default `sample` path). `use_cache=False`
+recomputes the prefix every step with x-transformers' full forward and draws the same random
+numbers, so it is a reference for tests, not for use.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 
 import torch
 
+from stage2_prior.kv_cache import StaticKVDecoder
 from stage2_prior.model import GPTPrior
 
 
@@ -117,7 +119,8 @@ def generate(prior: GPTPrior, n: int | None = None, *, labels: torch.Tensor | No
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              generator: torch.Generator | None = None, seed: int | None = None,
              keep_codes: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None,
-             use_cache: bool = True, progress: bool = False) -> torch.Tensor:
+             use_cache: bool = True, weights_dtype: torch.dtype | None = None,
+             progress: bool = False) -> torch.Tensor:
     """Sample codes (B, *code_shape) from an autoregressive prior, B = n or len(labels).
 
     labels (B,) class ids (None = unconditional); cfg_scale != 1 applies classifier-free guidance,
@@ -126,7 +129,8 @@ def generate(prior: GPTPrior, n: int | None = None, *, labels: torch.Tensor | No
     Completion / editing: where keep_mask ((L,), code_shape, (B, L) or (B, *code_shape), bool) is
     True the token is forced to keep_codes (B, *code_shape) instead of sampled. The prior is
     autoregressive, so a sampled position sees only the kept codes before it in raster order, never
-    those after it. `seed` (or `generator`) makes the result reproducible.
+    those after it. `seed` (or `generator`) makes the result reproducible. `weights_dtype`
+    (e.g. torch.bfloat16, cached path only) samples with reduced-precision copies of the weights.
     """
     config = prior.config
     if prior.prior_type != "ar":
@@ -134,6 +138,8 @@ def generate(prior: GPTPrior, n: int | None = None, *, labels: torch.Tensor | No
     _check_options(prior, cfg_scale, temperature, top_k, top_p)
     if generator is not None and seed is not None:
         raise ValueError("pass generator or seed, not both")
+    if weights_dtype is not None and not use_cache:
+        raise ValueError("weights_dtype applies to the cached sampler; the uncached reference runs the model as is")
     device = prior.level_offsets.device
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -177,20 +183,20 @@ def generate(prior: GPTPrior, n: int | None = None, *, labels: torch.Tensor | No
     try:
         # prefill: the condition and every leading kept token in one pass
         inputs = torch.cat([cond[:, None], tokens[:, :start].repeat(pair, 1)], dim=1)  # (pair*B, start+1)
-        logits, cache = prior.forward_tokens(inputs)
-        cache = cache if use_cache else None
+        decoder = StaticKVDecoder(prior, pair * B, weights_dtype) if use_cache else None
+        last = decoder.step(inputs) if use_cache else prior.forward_tokens(inputs)[:, -1]  # (pair*B, V)
         for t in range(start, L):
             if free_steps[t]:
-                sampled = _sample_tokens(next_logits(logits[:, -1], t), temperature, top_k, top_p, generator)
+                sampled = _sample_tokens(next_logits(last, t), temperature, top_k, top_p, generator)
                 tokens[:, t] = torch.where(keep[:, t], forced[:, t], sampled) if editing else sampled
             bar.update()
             if t == L - 1:
                 break
             if use_cache:
-                logits, cache = prior.forward_tokens(tokens[:, t:t + 1].repeat(pair, 1), cache)  # new token only
+                last = decoder.step(tokens[:, t:t + 1].repeat(pair, 1))  # the new token only
             elif free_steps[t + 1]:
                 inputs = torch.cat([cond[:, None], tokens[:, :t + 1].repeat(pair, 1)], dim=1)  # (pair*B, t+2)
-                logits, _ = prior.forward_tokens(inputs)
+                last = prior.forward_tokens(inputs)[:, -1]
     finally:
         bar.close()
         prior.train(was_training)

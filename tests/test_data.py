@@ -191,6 +191,27 @@ def test_build_dataset():
     assert data.build_dataset is build_dataset
 
 
+def test_synthetic_difficulty_options():
+    easy = build_dataset("synthetic:shapes?shape_size=0.6-0.9&textures=smooth&size=20", resolution=32)
+    assert easy.shape_size == (0.6, 0.9) and easy.textures == "smooth"
+    default = build_dataset("synthetic:shapes?size=20", resolution=32)
+    assert default.shape_size == (0.35, 0.75) and default.textures == "all"
+    # larger shapes cover more of the image: the fraction of pixels far from the background colour grows
+    def shape_cover(ds) -> float:
+        images = torch.stack([ds[i][0] for i in range(20)])
+        corner = images[:, :, :2, :2].mean(dim=(2, 3), keepdim=True)
+        return ((images - corner).abs().amax(1) > 0.5).float().mean().item()
+    assert shape_cover(easy) > 1.3 * shape_cover(default)
+    plain = build_dataset("synthetic:shapes?textures=plain&size=4", resolution=32)[1][0]
+    assert (plain[:, :3, :3] == plain[:, :1, :1]).all()  # one flat background colour
+    centered = build_dataset("synthetic:shapes?layout=centered&textures=plain&size=10", resolution=32)
+    coords = torch.arange(32, dtype=torch.float32) + 0.5
+    for image, _ in (centered[i] for i in range(10)):  # the shape's centroid is near the image centre
+        mask = (image - image[:, :1, :1]).abs().amax(0) > 0.3                # (32, 32) shape pixels
+        cy, cx = (mask.sum(1) * coords).sum() / mask.sum(), (mask.sum(0) * coords).sum() / mask.sum()
+        assert abs(cx - 16) < 6 and abs(cy - 16) < 6  # a crescent's mass sits ~5 px off its centre
+
+
 def test_build_folder_spec(tmp_path):
     (tmp_path / "x").mkdir()
     Image.new("RGB", (10, 10)).save(tmp_path / "x" / "a.png")
@@ -209,7 +230,11 @@ def test_build_folder_spec(tmp_path):
     ("hf:/nonexistent/dir", "does not exist"),
     ("wds:/nonexistent/shards-{000..009}.tar", "10 of 10 shard(s) do not exist"),
     ("synthetic:circles", "available: shapes"),
-    ("synthetic:shapes?colour=red", "valid options: classes, size"),
+    ("synthetic:shapes?colour=red", "valid options: classes, size, shape_size, textures, layout"),
+    ("synthetic:shapes?layout=grid", "free, centered"),
+    ("synthetic:shapes?shape_size=0.9-0.5", "MIN-MAX"),
+    ("synthetic:shapes?shape_size=big", "MIN-MAX"),
+    ("synthetic:shapes?textures=busy", "all, smooth, plain"),
     ("synthetic:shapes?classes=11", "2..10"),
     ("synthetic:shapes?classes=1", "2..10"),
     ("synthetic:shapes?size=many", "integer"),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from stage2_prior import GPTPrior, PriorConfig, PriorLoadError, generate
+from stage2_prior.kv_cache import StaticKVDecoder
 
 
 @pytest.fixture(autouse=True)
@@ -119,17 +120,36 @@ SAMPLING = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=1.0, 
 
 
 @pytest.mark.parametrize("positions", ["rotary", "learned"])
-def test_kv_cache_logits_match_full_forward(positions):
-    prior = tiny_prior(positions=positions)
-    inputs = torch.cat([torch.tensor([[16], [19]]), prior.flatten_codes(random_codes(prior, 2))[:, :-1]], dim=1)
-    full, _ = prior.forward_tokens(inputs)                                   # (2, 16, 16)
-    steps, cache = prior.forward_tokens(inputs[:, :5])                      # prefill
-    chunks = [steps]
-    for start, stop in [(5, 6), (6, 7), (7, 10), (10, 16)]:                  # single tokens and runs
-        logits, cache = prior.forward_tokens(inputs[:, start:stop], cache)
-        chunks.append(logits)
-    assert cache.cache_length == 16
-    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
+def test_static_kv_cache_logits_match_full_forward(positions):
+    prior = tiny_prior(positions=positions, vocab_sizes=(16, 8), code_shape=(2, 4, 2))  # two code levels
+    for norm in prior.modules():  # non-trivial norm gains, so a skipped or misplaced norm shows
+        if hasattr(norm, "gamma"):
+            torch.nn.init.normal_(norm.gamma, 0.0, 0.3)
+    inputs = torch.cat([torch.tensor([[24], [27]]), prior.flatten_codes(random_codes(prior, 2))[:, :-1]], dim=1)
+    full = prior.forward_tokens(inputs)                                      # (2, 16, 24)
+    decoder = StaticKVDecoder(prior, batch_size=2)
+    for _ in range(2):                                                       # reset() reuses the buffers
+        decoder.reset()
+        last = [decoder.step(inputs[:, :5])]                                 # prefill
+        last += [decoder.step(inputs[:, a:b]) for a, b in [(5, 6), (6, 7), (7, 10), (10, 16)]]
+        ends = [5, 6, 7, 10, 16]
+        torch.testing.assert_close(torch.stack(last, 1), full[:, [e - 1 for e in ends]], atol=1e-5, rtol=1e-5)
+    bf16 = StaticKVDecoder(prior, batch_size=2, weights_dtype=torch.bfloat16)
+    assert bf16.keys.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.step(inputs), full[:, -1], atol=0.05, rtol=0.05)
+
+
+def test_static_kv_cache_errors():
+    prior = tiny_prior()
+    decoder = StaticKVDecoder(prior, batch_size=2)
+    with pytest.raises(ValueError, match="batch size 2"):
+        decoder.step(torch.zeros(3, 1, dtype=torch.long))
+    decoder.step(torch.zeros(2, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="maximum is 16"):
+        decoder.step(torch.zeros(2, 1, dtype=torch.long))
+    prior.transformer.attn_layers.layers[0][2] = torch.nn.Identity()  # a layout the decoder does not reproduce
+    with pytest.raises(NotImplementedError, match="layer 0: residual"):
+        StaticKVDecoder(prior, batch_size=2)
 
 
 @pytest.mark.parametrize("dtype,positions,cfg_scale", [(torch.float32, "rotary", 1.0), (torch.float32, "rotary", 3.0),

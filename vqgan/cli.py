@@ -1,6 +1,7 @@
 """`vqgan`: the one console script. Each subcommand parses, builds, and calls the library.
 
 Examples:
+    vqgan run --config configs/tiny.yaml --out runs/demo     # everything, resumable
     vqgan train-tokenizer --config configs/tiny.yaml train.steps=200
     vqgan train-tokenizer --config configs/tiny.yaml --resume auto
     vqgan reconstruct --tokenizer runs/tiny/stage1/tokenizer --images my_images/ --out recon/
@@ -147,6 +148,17 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from vqgan.run import load_run_config, run_pipeline
+
+    cfg = load_run_config(args.config, args.out, args.overrides)
+    result = run_pipeline(cfg, args.out, device=args.device, force=tuple(args.force or ()),
+                          config_path=str(args.config))
+    print(f"report: {Path(args.out) / 'report.md'} (and report.json); total "
+          f"{result['total_seconds'] / 60:.1f} min of stage time")
+    return 0
+
+
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior", required=True, type=Path, help="directory written by train-prior (OUT/prior)")
     p.add_argument("--tokenizer", required=True, type=Path, help="the tokenizer the prior was trained with")
@@ -163,6 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqgan", description="Two-stage image generation: VQGAN tokenizer + priors.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from vqgan import RUN_STAGES as STAGES
+    p = sub.add_parser("run", help="the whole pipeline: tokenizer, encode, prior, sample, evaluate, report",
+                       description="Train the tokenizer, encode the dataset, train the prior, sample, evaluate "
+                                   "(FID/KID/precision-recall/IS, PSNR/SSIM/LPIPS/rFID, codebook usage) and write "
+                                   "OUT/report.md + report.json. Finished stages are skipped on a rerun and the "
+                                   "training stages resume from their last checkpoint.",
+                       epilog="example: vqgan run --config configs/tiny.yaml --out runs/demo eval.num_samples=500\n"
+                              "Overrides start with a section: tokenizer.*, encode.*, prior.*, eval.*",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, type=Path, help="YAML preset with tokenizer: and prior: sections")
+    p.add_argument("--out", required=True, type=Path, help="run directory (everything is written under it)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--force", action="append", choices=STAGES, metavar="STAGE",
+                   help=f"redo this stage and those after it (repeatable): {', '.join(STAGES)}")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("train-tokenizer", help="train the stage-1 VQGAN tokenizer",
                        description="Train the VQGAN tokenizer from a YAML preset plus overrides. Writes "
@@ -243,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=4, help="completions per image")
     p.set_defaults(func=_cmd_complete)
 
+    from vqgan.cli_eval import add_evaluate_parser
+    add_evaluate_parser(sub)
+
     p = sub.add_parser("data", help="data utilities (pack)")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = data_sub.add_parser("pack", help="write any data source as webdataset tar shards",
@@ -268,8 +300,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data.codes import CodeShardError
     from stage1_tokenizer import TokenizerLoadError
     from stage1_tokenizer.perceptual import PerceptualWeightsMissing
+    from eval.fidelity import InceptionWeightsUnavailable
     from stage2_prior import PriorLoadError
-    return (ConfigError, DataSourceError, CodeShardError, TokenizerLoadError, PriorLoadError, PerceptualWeightsMissing,
+    return (ConfigError, InceptionWeightsUnavailable, DataSourceError, CodeShardError, TokenizerLoadError, PriorLoadError, PerceptualWeightsMissing,
             FileNotFoundError)
 
 

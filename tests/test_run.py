@@ -113,6 +113,9 @@ def test_run_writes_a_report_and_resumes(micro):
     assert main(["run", "--config", str(config), "--out", str(out), "--device", "cpu", "--force", "sample",
                  "eval.cfg_scale=1.5"]) == 0
     assert json.loads((out / "report.json").read_text())["sampling"]["cfg_scale"] == 1.5
+    # samples of the old settings were not reused: every batch was drawn again
+    assert (out / "samples" / "000000.png").stat().st_mtime_ns != kept
+    assert len(list((out / "samples").glob("*.png"))) == 12
 
 
 def test_run_config_errors(micro, capsys):

@@ -68,8 +68,9 @@ def render_markdown(report: dict) -> str:
               f"| {_fmt(prior.get('parameters'))} | {prior.get('steps')} | {_fmt(prior.get('tokens_seen'))} "
               f"| {_fmt(prior.get('loss'))} | {_fmt(prior.get('bits_per_token'))} | {_fmt(prior.get('tokens_per_s'), 0)} |",
               "", "## Samples", "",
-              f"{samples.get('num_samples')} samples (guidance {report['sampling']['cfg_scale']}, seed "
-              f"{report['sampling']['seed']}) against {samples['reference']['count']} real images of "
+              f"{samples.get('num_samples')} samples (guidance {report['sampling']['cfg_scale']}, temperature "
+              f"{report['sampling'].get('temperature')}, top-k {report['sampling'].get('top_k')}, top-p "
+              f"{report['sampling'].get('top_p')}, seed {report['sampling']['seed']}) against {samples['reference']['count']} real images of "
               f"`{samples['reference']['source']}` ({samples['reference']['split']} split).", "",
               "| FID | KID (x1e3) | precision | recall | IS | on-class accuracy |", "|---|---|---|---|---|---|"]
     kid = samples.get("kid_mean")
@@ -109,7 +110,8 @@ def write_report(p: Pipeline, config_path: str | None) -> dict:
         "config": config_to_dict(p.cfg),
         "tokenizer": records["eval_tokenizer"]["result"] | {"training": records["tokenizer"]["result"]},
         "prior": records["prior"]["result"],
-        "sampling": {k: sample.get(k) for k in ("samples", "cfg_scale", "seed", "num_classes", "grid")},
+        "sampling": {k: sample.get(k) for k in ("samples", "cfg_scale", "temperature", "top_k", "top_p", "seed",
+                                                "num_classes", "grid")},
         "samples": records["eval_samples"]["result"],
         "stages": stage_seconds, "total_seconds": sum(stage_seconds.values()),
         "versions": library_versions(), "machine": machine(),

@@ -10,7 +10,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from common import atomic_write_json
+from common import atomic_write_json, sha256_file
 from vqgan.run import Pipeline
 
 SAMPLE_DIR, EVAL_DIR, GRID_DIR = "samples", "eval", "grids"
@@ -66,6 +66,14 @@ def stage_sample(p: Pipeline) -> dict:
     prior, tokenizer = _load_pair(p)
     out = p.out / SAMPLE_DIR
     out.mkdir(parents=True, exist_ok=True)
+    # finished batches are only reused when they came from this very prior and these settings
+    origin = {"prior_sha256": sha256_file(p.out / "stage2" / "prior" / "model.safetensors"),
+              "settings": p.settings["sample"]}
+    origin_file = out / "origin.json"
+    if not origin_file.is_file() or json.loads(origin_file.read_text()) != origin:
+        for stale in out.glob("*.png"):
+            stale.unlink()
+        atomic_write_json(origin_file, origin)
     num_classes = prior.config.num_classes
     batches = math.ceil(e.num_samples / e.sample_batch_size)
     for b in tqdm(range(batches), desc="sample", unit="batch"):
@@ -92,7 +100,8 @@ def stage_sample(p: Pipeline) -> dict:
     (p.out / GRID_DIR).mkdir(parents=True, exist_ok=True)
     save_image(grid, p.out / GRID_DIR / "samples_per_class.png")
     return {"samples": e.num_samples, "dir": str(out), "num_classes": num_classes,
-            "cfg_scale": e.cfg_scale if num_classes else 1.0, "seed": e.seed,
+            "cfg_scale": e.cfg_scale if num_classes else 1.0, "temperature": e.temperature, "top_k": e.top_k,
+            "top_p": e.top_p, "seed": e.seed,
             "grid": f"{GRID_DIR}/samples_per_class.png"}
 
 

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+import resource
+import statistics
+import time
+from typing import Callable
 
 import torch
 
@@ -14,3 +18,24 @@ def machine_header(busy_load: float = 0.5) -> str:
     return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
             f"load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}{warn}\n"
             f"malloc settings: {malloc or 'glibc defaults'}")
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], object] = lambda: None) -> float:
+    """Median wall time of `repeats` calls after one warm-up call (allocator, kernels, caches);
+    `sync` waits for queued GPU work (torch.cuda.synchronize) before a clock is read."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The CUDA allocator's peak, or on a CPU the process's maximum resident set size so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

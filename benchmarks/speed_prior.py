@@ -13,10 +13,7 @@ warm-up. Peak memory is the process's maximum resident set size so far (CPU) or 
 from __future__ import annotations
 
 import argparse
-import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine_header  # noqa: E402
+from benchmarks._common import machine_header, median_seconds, peak_memory_mb  # noqa: E402
 from stage2_prior import GPTPrior, PriorConfig, generate  # noqa: E402
 
 # LlamaGen GPT-B c2i: 12 layers, dim 768, 12 heads, 16,384-code VQ, 16x16 tokens, 1,000 classes
@@ -34,22 +31,6 @@ PRESETS = {
 }
 
 
-def median_seconds(fn, repeats: int, sync) -> float:
-    fn()  # warm-up: allocator, kernels, caches
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def main() -> None:

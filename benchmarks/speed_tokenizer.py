@@ -11,9 +11,7 @@ Median of `--repeats` after a warm-up; peak memory is the process's maximum RSS 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,8 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine_header  # noqa: E402
-from benchmarks.speed_prior import peak_memory_mb  # noqa: E402
+from benchmarks._common import machine_header, median_seconds, peak_memory_mb  # noqa: E402
 from stage1_tokenizer import QuantizerConfig, VQGAN, VQGANConfig  # noqa: E402
 
 # taming's ImageNet f16 config (72.1M parameters in taming) and a taming-style f4 (6.1M)
@@ -37,17 +34,6 @@ PRESETS = {
                       infer_batch=32, train_batch=32),
 }
 
-
-def median_seconds(fn, repeats: int, sync) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -31,6 +31,14 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
                               list("tTfF"))
 
 
+def require_positive(config: Any, section: str, names: tuple[str, ...]) -> None:
+    """Raise ValueError naming `section.name` for the first of `names` that is below 1 (counts, sizes, periods)."""
+    for name in names:
+        value = getattr(config, name)
+        if value < 1:
+            raise ValueError(f"{section}.{name} must be >= 1, got {value}")
+
+
 def _load_yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 

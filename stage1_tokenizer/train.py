@@ -27,6 +27,7 @@ import data
 from common import atomic_write_json, config_to_dict
 from common.checkpoint import TrainState, find_checkpoint, save_checkpoint, truncate_metrics, update_ema
 from common.schedule import warmup_lr
+from common.config import require_positive
 from stage1_tokenizer.discriminator import NLayerDiscriminator
 from stage1_tokenizer.losses import LossConfig, VQGANLoss
 from stage1_tokenizer.model import VQGAN, VQGANConfig
@@ -73,9 +74,8 @@ class TrainConfig:
             raise ValueError(f"train.lr_schedule={self.lr_schedule!r}: expected 'constant' or 'cosine'")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"train.mixed_precision={self.mixed_precision!r}: expected no, fp16 or bf16")
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "image_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "train", ("steps", "batch_size", "grad_accum", "log_every", "image_every",
+                                         "checkpoint_every"))
 
 
 @dataclass

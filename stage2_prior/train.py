@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from common import ConfigError, atomic_write_bytes, atomic_write_json, config_to_dict
 from common.checkpoint import TrainState, find_checkpoint, save_checkpoint, truncate_metrics, update_ema
 from common.schedule import warmup_lr
+from common.config import require_positive
 from data import ResumableLoader
 from data.codes import CodeDataset
 from stage1_tokenizer import VQGAN
@@ -87,9 +88,8 @@ class PriorTrainConfig:
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"train.mixed_precision={self.mixed_precision!r}: expected no, fp16 or bf16")
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "sample_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "train", ("steps", "batch_size", "grad_accum", "log_every", "sample_every",
+                                         "checkpoint_every"))
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from common import ConfigError, atomic_write_json, config_to_dict, load_config
+from common.config import require_positive
 from stage1_tokenizer.train import TokenizerTrainConfig
 from stage2_prior.train import PriorRunConfig
 
@@ -50,9 +51,7 @@ class EvalConfig:
     classifier_steps: int = 300
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "sample_batch_size", "reference_count", "metric_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "eval", ("num_samples", "sample_batch_size", "reference_count", "metric_batch_size"))
 
 
 @dataclass

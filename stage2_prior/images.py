@@ -40,9 +40,11 @@ def write_images(images: torch.Tensor, out_dir: Path, names: Sequence[str], grid
 
 def sample_images(prior: GPTPrior, tokenizer: VQGAN, out_dir: str | Path, *, classes: Sequence[int] | None = None,
                   n: int = 16, cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, seed: int = 0, batch_size: int = 64, progress: bool = True) -> dict:
+                  top_p: float | None = None, seed: int = 0, batch_size: int = 64, progress: bool = True,
+                  weights_dtype: torch.dtype | None = None) -> dict:
     """Sample `n` images per class in `classes` (or `n` unconditional ones), in batches, decode and
-    write OUT/NNNNNN.png, OUT/grid.png (one row per class) and OUT/samples.json."""
+    write OUT/NNNNNN.png, OUT/grid.png (one row per class) and OUT/samples.json. `weights_dtype`
+    (torch.bfloat16) samples with bf16 copies of the prior's weights (see `generate`)."""
     out_dir = Path(out_dir)
     labels = None
     if classes:
@@ -55,13 +57,14 @@ def sample_images(prior: GPTPrior, tokenizer: VQGAN, out_dir: str | Path, *, cla
         count = min(batch_size, total - start)
         batch_labels = labels[start:start + count].to(device) if labels is not None else None
         codes = generate(prior, count if batch_labels is None else None, labels=batch_labels, cfg_scale=cfg_scale,
-                         temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                         temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                         weights_dtype=weights_dtype)
         images.append(tokenizer.decode(codes).cpu())
     images = torch.cat(images)
     write_images(images, out_dir, [f"{i:06d}" for i in range(total)], nrow=n if classes else 8)
     record = {"n": total, "classes": list(classes) if classes else None, "per_class": n if classes else None,
               "cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
-              "tokenizer_hash": tokenizer.content_hash()}
+              "weights_dtype": str(weights_dtype or "model"), "tokenizer_hash": tokenizer.content_hash()}
     atomic_write_json(out_dir / "samples.json", record)
     return record
 
@@ -83,7 +86,7 @@ def box_to_keep_mask(box: tuple[int, int, int, int], image_size: tuple[int, int]
 def complete_images(prior: GPTPrior, tokenizer: VQGAN, images: torch.Tensor, keep: torch.Tensor, out_dir: str | Path,
                     *, labels: torch.Tensor | None = None, samples: int = 4, cfg_scale: float = 1.0,
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, weights_dtype: torch.dtype | None = None) -> dict:
     """Encode `images` (B, 3, H, W), keep the codes where `keep` (h, w) is True, sample the rest
     `samples` times each (taming's completion), decode; writes one grid row per image:
     input, its reconstruction with the regenerated region greyed out, then the completions."""
@@ -103,7 +106,7 @@ def complete_images(prior: GPTPrior, tokenizer: VQGAN, images: torch.Tensor, kee
     generator = torch.Generator(device="cpu").manual_seed(seed)
     completed = generate(prior, B * samples if keep_labels is None else None, labels=keep_labels, cfg_scale=cfg_scale,
                          temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                         keep_codes=keep_codes, keep_mask=keep.to(device))
+                         keep_codes=keep_codes, keep_mask=keep.to(device), weights_dtype=weights_dtype)
     decoded = tokenizer.decode(completed).cpu()
     recon = tokenizer.decode(codes).cpu()
     f = tokenizer.config.downsample_factor

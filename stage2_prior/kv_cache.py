@@ -4,15 +4,17 @@ x-transformers' own cache concatenates every layer's keys and values each step a
 general-purpose forward (dozens of feature checks per layer), which dominates a step of a small
 prior on a CPU. `StaticKVDecoder` runs the same modules' weights (the norms, the feed-forwards and
 the attention projections are x-transformers' own) through a lean loop: keys and values are
-written in place into (B, H, L, Dh) buffers, rotary tables are computed once, and q/k/v come from
-one fused matmul. It covers exactly the decoder `GPTPrior` builds (pre-norm, rotary or learned
+written in place, with one copy per layer, into one (layers, 2, B, H, L, Dh) buffer; rotary is one
+small matmul by a per-position rotation matrix computed once; q/k/v come from one fused matmul; and
+each norm is one `F.layer_norm` call. It covers exactly the decoder `GPTPrior` builds (pre-norm, rotary or learned
 positions, plain attention and GELU feed-forward); anything else is refused at construction so a
 different layer layout cannot silently decode wrong. Tests check its logits against the full
 forward pass.
 
 `weights_dtype=torch.bfloat16` keeps bf16 copies of the matmul weights: sampling reads every
 weight once per token, so on a CPU it is memory-bound and half the bytes is nearly twice the speed.
-Norms, rotary, softmax and logits stay fp32.
+Norms, rotary, softmax and logits stay fp32. On a CPU the matmul weights are also packed once into
+oneDNN's blocked layout (`packed_linear.PackedLinear`, `pack_weights=False` turns it off).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stage2_prior.model import GPTPrior
+from stage2_prior.packed_linear import PackedLinear
 
 
 def _check_supported(prior: GPTPrior) -> None:
@@ -63,6 +66,15 @@ def _check_supported(prior: GPTPrior) -> None:
         raise NotImplementedError("StaticKVDecoder does not support this x-transformers layout: " + "; ".join(problems))
 
 
+def _layer_norm_weight(norm: nn.Module) -> tuple[torch.Tensor, float]:
+    """x-transformers' bias-free LayerNorm as (weight, eps) for one `F.layer_norm` call."""
+    ln, gamma = getattr(norm, "ln", None), getattr(norm, "gamma", None)
+    if not isinstance(ln, nn.LayerNorm) or ln.elementwise_affine or not isinstance(gamma, torch.Tensor) \
+            or getattr(norm, "beta", None) is not None:
+        raise NotImplementedError(f"StaticKVDecoder does not support this LayerNorm layout: {norm}")
+    return (gamma + float(getattr(norm, "unit_offset", 0))).detach(), ln.eps
+
+
 class StaticKVDecoder:
     """Decode `batch_size` sequences of up to `prior.seq_len` tokens, one `step` call at a time.
 
@@ -72,7 +84,8 @@ class StaticKVDecoder:
     """
 
     @torch.no_grad()
-    def __init__(self, prior: GPTPrior, batch_size: int, weights_dtype: torch.dtype | None = None):
+    def __init__(self, prior: GPTPrior, batch_size: int, weights_dtype: torch.dtype | None = None,
+                 pack_weights: bool = True):
         _check_supported(prior)
         config, wrapper = prior.config, prior.transformer
         layers = wrapper.attn_layers
@@ -85,38 +98,39 @@ class StaticKVDecoder:
         self.pos_emb = None
         if getattr(wrapper.pos_emb, "emb", None) is not None:   # learned absolute positions
             self.pos_emb = wrapper.pos_emb.emb.weight * wrapper.pos_emb.scale  # (L, dim), scaled once
-        cast = lambda w: w.detach().to(self.dtype)  # noqa: E731
-        self.blocks: list[tuple[str, nn.Module, tuple]] = []
+        cast = lambda w: None if w is None else w.detach().to(self.dtype)  # noqa: E731
+        linear = lambda w, b=None, act=None: PackedLinear(cast(w), cast(b), act, batch_size, pack_weights)  # noqa: E731
+        self.blocks: list[tuple[str, tuple, tuple]] = []  # (kind, (norm weight, eps), linears)
         for norms, block, _ in layers.layers:
             if isinstance(block, nn.Module) and hasattr(block, "to_q"):
-                qkv = cast(torch.cat([block.to_q.weight, block.to_k.weight, block.to_v.weight]))
-                self.blocks.append(("attn", norms[0], (qkv, cast(block.to_out.weight))))
+                qkv = torch.cat([block.to_q.weight, block.to_k.weight, block.to_v.weight])
+                linears = (linear(qkv), linear(block.to_out.weight))
+                self.blocks.append(("attn", _layer_norm_weight(norms[0]), linears))
             else:
                 (up, _act), _drop, down = block.ff
-                self.blocks.append(("ff", norms[0], (cast(up.weight), None if up.bias is None else cast(up.bias),
-                                                     cast(down.weight), None if down.bias is None else cast(down.bias))))
-        self.final_norm, self.to_logits = layers.final_norm, cast(wrapper.to_logits.weight)
+                linears = (linear(up.weight, up.bias, "gelu"), linear(down.weight, down.bias))
+                self.blocks.append(("ff", _layer_norm_weight(norms[0]), linears))
+        self.final_norm, self.to_logits = _layer_norm_weight(layers.final_norm), linear(wrapper.to_logits.weight)
         n_attn = sum(kind == "attn" for kind, _, _ in self.blocks)
-        shape = (n_attn, batch_size, self.heads, self.max_len, self.dim_head)
-        self.keys = torch.empty(shape, dtype=self.dtype, device=device)
-        self.values = torch.empty(shape, dtype=self.dtype, device=device)
-        self.cos = self.sin = None
+        # keys and values of a layer side by side, so one copy stores both
+        self.cache = torch.zeros(n_attn, 2, batch_size, self.heads, self.max_len, self.dim_head,
+                                 dtype=self.dtype, device=device)
+        self.rotation = None
         if layers.rotary_pos_emb is not None:
             freqs, _ = layers.rotary_pos_emb(torch.arange(self.max_len, device=device))  # (1, L, rot_dim)
             freqs = freqs[0].to(torch.promote_types(freqs.dtype, self.stream_dtype))      # fp64 models stay fp64
-            self.cos, self.sin = freqs.cos(), freqs.sin()                                # (L, rot_dim)
+            # x-transformers rotates interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) (each
+            # angle repeated for both members): a row vector times a block-diagonal 2x2 rotation per pair,
+            # one (rot_dim, rot_dim) matrix per position, so queries and keys rotate in one matmul
+            cos, sin = freqs[:, ::2].cos(), freqs[:, ::2].sin()                      # (L, rot_dim / 2)
+            even = torch.arange(0, freqs.shape[-1], 2, device=device)
+            self.rotation = freqs.new_zeros(self.max_len, freqs.shape[-1], freqs.shape[-1])
+            self.rotation[:, even, even], self.rotation[:, even + 1, even] = cos, -sin
+            self.rotation[:, even, even + 1], self.rotation[:, even + 1, even + 1] = sin, cos
         self.length = 0
 
     def reset(self) -> None:
         self.length = 0
-
-    def _rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotary on the first rot_dim features of t (B, H, n, Dh); pairs are interleaved (x-transformers)."""
-        rot_dim = cos.shape[-1]
-        rot, rest = t[..., :rot_dim].to(cos.dtype), t[..., rot_dim:]
-        pairs = rot.unflatten(-1, (-1, 2))
-        rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-        return torch.cat(((rot * cos + rotated_half * sin).to(t.dtype), rest), dim=-1)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -128,31 +142,36 @@ class StaticKVDecoder:
             raise ValueError(f"sequence would reach {end} tokens; the prior's maximum is {self.max_len}")
         x = F.embedding(tokens, self.token_emb)                          # (B, n, dim)
         if self.pos_emb is not None:
-            x = x + self.pos_emb[start:end]
-        cos = sin = None
-        if self.cos is not None:
-            cos, sin = self.cos[start:end], self.sin[start:end]
+            x += self.pos_emb[start:end]
+        rotation = None if self.rotation is None else self.rotation[start:end]   # (n, rot_dim, rot_dim)
         # one query attends to every cached key; a prefix needs the causal mask within itself
         mask = None
         if n > 1:
             mask = torch.arange(end, device=x.device) <= torch.arange(start, end, device=x.device)[:, None]
-        H, Dh, a = self.heads, self.dim_head, 0
-        for kind, norm, weights in self.blocks:
-            h = norm(x).to(self.dtype)
+        H, Dh, dim, a = self.heads, self.dim_head, x.shape[-1], 0
+        for kind, (norm_weight, eps), linears in self.blocks:
+            h = F.layer_norm(x, (dim,), norm_weight, None, eps).to(self.dtype)
             if kind == "attn":
-                qkv_w, out_w = weights
-                q, k, v = F.linear(h, qkv_w).view(B, n, 3, H, Dh).permute(2, 0, 3, 1, 4)  # each (B, H, n, Dh)
-                if cos is not None:
-                    q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-                self.keys[a, :, :, start:end] = k
-                self.values[a, :, :, start:end] = v
-                attended = F.scaled_dot_product_attention(q, self.keys[a, :, :, :end], self.values[a, :, :, :end],
+                to_qkv, to_out = linears
+                qkv = to_qkv(h).view(B, n, 3, H, Dh)
+                if rotation is not None:  # in place on the first rot_dim features of queries and keys
+                    qk = qkv[:, :, :2, :, :rotation.shape[-1]]
+                    if n == 1:  # the decode step: one small matmul
+                        rotated = torch.mm(qk.to(rotation.dtype).reshape(-1, rotation.shape[-1]), rotation[0])
+                        qk.copy_(rotated.view(qk.shape))
+                    else:
+                        qk.copy_(torch.einsum("bntHr,nrs->bntHs", qk.to(rotation.dtype), rotation))
+                layer_cache = self.cache[a]                                  # (2, B, H, L, Dh)
+                layer_cache[:, :, :, start:end] = qkv[:, :, 1:].permute(2, 0, 3, 1, 4)
+                q = qkv[:, :, 0].transpose(1, 2)                             # (B, H, n, Dh)
+                attended = F.scaled_dot_product_attention(q, layer_cache[0, :, :, :end], layer_cache[1, :, :, :end],
                                                           attn_mask=mask)
-                h = F.linear(attended.transpose(1, 2).reshape(B, n, H * Dh), out_w)
+                h = to_out(attended.transpose(1, 2).reshape(B, n, H * Dh))
                 a += 1
             else:
-                up_w, up_b, down_w, down_b = weights
-                h = F.linear(F.gelu(F.linear(h, up_w, up_b)), down_w, down_b)
-            x = x + h.to(self.stream_dtype)
+                up_gelu, down = linears
+                h = down(up_gelu(h))
+            x += h.to(self.stream_dtype)
         self.length = end
-        return F.linear(self.final_norm(x[:, -1]).to(self.dtype), self.to_logits).to(self.stream_dtype)
+        norm_weight, eps = self.final_norm
+        return self.to_logits(F.layer_norm(x[:, -1], (dim,), norm_weight, None, eps).to(self.dtype)).to(self.stream_dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 
 import torch
 
@@ -67,27 +68,50 @@ def _keep_tensors(prior: GPTPrior, batch_size: int, keep_codes: torch.Tensor | N
 
 def _sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                    generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,): temperature, then top-k, then top-p, then one Gumbel-max draw."""
+    """logits (B, V) -> token ids (B,): temperature, then top-k, then top-p, then one Gumbel-max draw.
+
+    With top-k the rest works on the k kept candidates only (the k largest; ties at the k-th value are
+    broken by `torch.topk`), so the sort for top-p and the random draw cost O(k) instead of O(V).
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    V = logits.shape[-1]
-    if top_k is not None and top_k < V:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    candidates = None                                              # (B, k) vocabulary ids, or all of V
+    if top_k is not None and top_k < logits.shape[-1]:
+        logits, candidates = torch.topk(logits, top_k, dim=-1)     # sorted, largest first
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
+        if candidates is None:
+            logits, candidates = torch.sort(logits, dim=-1, descending=True)
+        probs = logits.softmax(dim=-1)
         # drop a token once the mass before it already reaches top_p; the most likely token always stays
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
     # Gumbel-max (argmax of logits + Gumbel noise) is an exact categorical sample that draws a
     # fixed-shape tensor per step, so the cached and uncached paths consume the generator alike
     gen_device = generator.device if generator is not None else logits.device
     uniform = torch.rand(logits.shape, generator=generator, device=gen_device, dtype=torch.float32)
     gumbel = -torch.log(-torch.log(uniform.to(logits.device, torch.float64)))
-    return (logits.to(torch.float64) + gumbel).argmax(dim=-1)
+    choice = (logits.to(torch.float64) + gumbel).argmax(dim=-1)
+    return choice if candidates is None else candidates.gather(-1, choice[:, None])[:, 0]
+
+
+# the last decoder built per prior: its packed weights and cache serve the next call with the same
+# batch and dtype (building one packs every weight, a noticeable cost per call for a large prior)
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _decoder_for(prior: GPTPrior, batch_size: int, weights_dtype: torch.dtype | None) -> StaticKVDecoder:
+    # in-place updates (optimizer steps, load_state_dict) bump a tensor's version; replacing it changes
+    # its storage: either way the copied weights are stale
+    state = tuple((p._version, p.data_ptr()) for p in prior.parameters())
+    key = (batch_size, weights_dtype, state)
+    cached = _DECODERS.get(prior)
+    if cached is not None and cached[0] == key:
+        cached[1].reset()
+        return cached[1]
+    _DECODERS.pop(prior, None)  # free the old copies before making new ones
+    decoder = StaticKVDecoder(prior, batch_size, weights_dtype)
+    _DECODERS[prior] = (key, decoder)
+    return decoder
 
 
 class _Progress:
@@ -183,7 +207,7 @@ def generate(prior: GPTPrior, n: int | None = None, *, labels: torch.Tensor | No
     try:
         # prefill: the condition and every leading kept token in one pass
         inputs = torch.cat([cond[:, None], tokens[:, :start].repeat(pair, 1)], dim=1)  # (pair*B, start+1)
-        decoder = StaticKVDecoder(prior, pair * B, weights_dtype) if use_cache else None
+        decoder = _decoder_for(prior, pair * B, weights_dtype) if use_cache else None
         last = decoder.step(inputs) if use_cache else prior.forward_tokens(inputs)[:, -1]  # (pair*B, V)
         for t in range(start, L):
             if free_steps[t]:

@@ -44,7 +44,11 @@ def test_sample_command_writes_images_per_class(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list(out.glob("0000*.png"))) == 6 and (out / "grid.png").is_file()
     record = json.loads((out / "samples.json").read_text())
-    assert record["classes"] == [0, 2] and record["cfg_scale"] == 2.0
+    assert record["classes"] == [0, 2] and record["cfg_scale"] == 2.0 and record["weights_dtype"] == "model"
+    fast = tmp_path / "bf16"
+    assert main(["sample", "--prior", str(trained / "prior_run" / "prior"), "--tokenizer", str(trained / "tokenizer"),
+                 "--classes", "1", "--n", "2", "--weights", "bf16", "--out", str(fast)]) == 0
+    assert json.loads((fast / "samples.json").read_text())["weights_dtype"] == "torch.bfloat16"
 
 
 def test_complete_keeps_codes_outside_the_box(trained, tmp_path):

@@ -8,6 +8,8 @@ import torch
 
 from stage2_prior import GPTPrior, PriorConfig, PriorLoadError, generate
 from stage2_prior.kv_cache import StaticKVDecoder
+from stage2_prior.packed_linear import PackedLinear
+from stage2_prior.sample import _DECODERS
 
 
 @pytest.fixture(autouse=True)
@@ -135,8 +137,49 @@ def test_static_kv_cache_logits_match_full_forward(positions):
         ends = [5, 6, 7, 10, 16]
         torch.testing.assert_close(torch.stack(last, 1), full[:, [e - 1 for e in ends]], atol=1e-5, rtol=1e-5)
     bf16 = StaticKVDecoder(prior, batch_size=2, weights_dtype=torch.bfloat16)
-    assert bf16.keys.dtype == torch.bfloat16
+    assert bf16.cache.dtype == torch.bfloat16
     torch.testing.assert_close(bf16.step(inputs), full[:, -1], atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_packed_linear_matches_f_linear(dtype, activation):
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(24, 16, generator=g).to(dtype), torch.randn(24, generator=g).to(dtype)
+    layer = PackedLinear(weight, bias, activation, rows_hint=4)
+    for rows in ((4, 1), (2, 3)):                                # the packed row count, and a prefill
+        x = torch.randn(*rows, 16, generator=g).to(dtype)
+        expected = torch.nn.functional.linear(x, weight, bias)
+        expected = torch.nn.functional.gelu(expected) if activation == "gelu" else expected
+        tolerance = 1e-5 if dtype == torch.float32 else 0.05
+        torch.testing.assert_close(layer(x), expected, atol=tolerance, rtol=tolerance)
+    assert not PackedLinear(weight, bias, activation, pack=False).is_packed
+    with pytest.raises(ValueError, match="activation"):
+        PackedLinear(weight, activation="relu")
+
+
+def test_packed_and_plain_decoders_agree():
+    prior = tiny_prior()
+    inputs = torch.cat([torch.tensor([[1], [2]]), prior.flatten_codes(random_codes(prior, 2))[:, :-1]], dim=1)
+    packed, plain = StaticKVDecoder(prior, 2), StaticKVDecoder(prior, 2, pack_weights=False)
+    torch.testing.assert_close(packed.step(inputs[:, :3]), plain.step(inputs[:, :3]), atol=1e-5, rtol=1e-5)
+    for t in range(3, 16):
+        torch.testing.assert_close(packed.step(inputs[:, t:t + 1]), plain.step(inputs[:, t:t + 1]), atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_is_reused_until_the_weights_change():
+    prior = tiny_prior()
+    labels = torch.tensor([0, 1])
+    first = generate(prior, labels=labels, seed=3)
+    decoder = _DECODERS[prior][1]
+    assert torch.equal(generate(prior, labels=labels, seed=3), first)  # a reused decoder starts clean
+    assert _DECODERS[prior][1] is decoder
+    generate(prior, labels=torch.tensor([0, 1, 2]), seed=3)             # another batch size: a new decoder
+    assert _DECODERS[prior][1] is not decoder
+    with torch.no_grad():
+        prior.transformer.to_logits.weight.mul_(-1.0)                    # an in-place update: stale copies
+    flipped = generate(prior, labels=labels, temperature=0.0)
+    assert torch.equal(flipped, generate(prior, labels=labels, temperature=0.0, use_cache=False))
 
 
 def test_static_kv_cache_errors():

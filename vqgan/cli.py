@@ -103,7 +103,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     try:
         record = sample_images(prior, tokenizer, args.out, classes=_int_list(args.classes), n=args.n,
                                cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
+                               top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+                               weights_dtype=_weights_dtype(args))
     except ValueError as e:  # sampling options that do not fit this prior (class range, guidance, ...)
         raise ConfigError(str(e)) from e
     print(f"{record['n']} samples written to {args.out} (grid: {Path(args.out) / 'grid.png'})")
@@ -140,7 +141,7 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     try:
         record = complete_images(prior, tokenizer, images, keep, args.out, labels=labels, samples=args.samples,
                                  cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, seed=args.seed)
+                                 top_p=args.top_p, seed=args.seed, weights_dtype=_weights_dtype(args))
     except ValueError as e:  # a box, class or guidance that does not fit this prior
         raise ConfigError(str(e)) from e
     print(f"completed {record['images']} image(s) x {record['samples_per_image']} samples, regenerating "
@@ -169,6 +170,14 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--weights", choices=["model", "bf16"], default="model",
+                   help="bf16: sample with bf16 copies of the prior's weights (about 1.3-1.5x faster on CPUs "
+                        "with AVX-512 bf16; tokens can differ from the model's own precision)")
+
+
+def _weights_dtype(args: argparse.Namespace):
+    import torch
+    return torch.bfloat16 if args.weights == "bf16" else None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from common import ConfigError, atomic_dir, config_from_dict, config_to_dict
 from common.pretrained import load_strict_state, read_pretrained_config
 from stage1_tokenizer.layers import Decoder, Encoder
-from stage1_tokenizer.quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
+from stage1_tokenizer.quantize import QuantizerConfig, QuantizerOutput
+from stage1_tokenizer.quantizers import build_quantizer
 
 MODEL_TYPE = "vqgan-tokenizer"
 FORMAT_VERSION = 1
@@ -67,11 +68,11 @@ class VQGAN(nn.Module):
                     z_channels=config.z_channels, dropout=config.dropout, norm_groups=config.norm_groups)
         self.encoder = Encoder(in_channels=config.in_channels, **arch)
         self.decoder = Decoder(out_channels=config.out_channels, **arch)
-        code_dim = config.quantizer.code_dim
+        self.quantize = build_quantizer(config.quantizer)
+        code_dim = self.quantize.latent_dim
         # 1x1 projections into / out of the (low-dimensional) code space: factorised codes
         self.quant_conv = nn.Conv2d(config.z_channels, code_dim, 1)
         self.post_quant_conv = nn.Conv2d(code_dim, config.z_channels, 1)
-        self.quantize = VectorQuantizer(config.quantizer)
 
     # ---- description of the code grid, read by data, stage 2 and eval -------------------------
     def code_grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -84,13 +85,13 @@ class VQGAN(nn.Module):
 
     @property
     def code_depth(self) -> int:
-        """Codes per grid position (1 for plain VQ)."""
-        return 1
+        """Codes per grid position (1 for vq, fsq, lfq; the depth for rvq)."""
+        return self.quantize.code_depth
 
     @property
     def vocab_sizes(self) -> list[int]:
         """Vocabulary of each code level."""
-        return [self.config.quantizer.codebook_size]
+        return list(self.quantize.vocab_sizes)
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -108,17 +109,20 @@ class VQGAN(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [-1, 1] -> codes (B, h, w) int64."""
+        """images (B, 3, H, W) in [-1, 1] -> codes (B, h, w) int64, or (B, h, w, D) with D levels."""
         return self.quantize.encode(self.encode_latents(images))
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, h, w) int -> images (B, 3, H, W) in [-1, 1]."""
-        if codes.dim() != 3:
-            raise ValueError(f"codes must have shape (B, h, w), got {tuple(codes.shape)}")
-        K = self.config.quantizer.codebook_size
-        if codes.numel() and (codes.min() < 0 or codes.max() >= K):
-            raise ValueError(f"codes must lie in [0, {K}), got range [{int(codes.min())}, {int(codes.max())}]")
+        """codes (B, h, w) int (or (B, h, w, D) with D levels) -> images (B, 3, H, W) in [-1, 1]."""
+        D = self.code_depth
+        if codes.dim() != (3 if D == 1 else 4) or (D > 1 and codes.shape[-1] != D):
+            expected = "(B, h, w)" if D == 1 else f"(B, h, w, {D})"
+            raise ValueError(f"codes must have shape {expected} for this tokenizer, got {tuple(codes.shape)}")
+        limits = torch.tensor(self.vocab_sizes, device=codes.device)  # broadcasts over the level axis
+        if codes.numel() and ((codes < 0).any() or (codes >= (limits if D > 1 else limits[0])).any()):
+            raise ValueError(f"codes must lie in [0, K) for vocab_sizes {self.vocab_sizes}, got range "
+                             f"[{int(codes.min())}, {int(codes.max())}]")
         z_q = self.quantize.codes_to_latents(codes.long()).to(self.post_quant_conv.weight.dtype)
         return self.decode_latents(z_q).clamp(-1, 1)
 
@@ -162,8 +166,27 @@ class VQGAN(nn.Module):
         except ConfigError as e:
             raise TokenizerLoadError(str(e)) from e
         model = cls(config)
+        saved_type = _saved_quantizer_type(weights_path)
+        if saved_type is not None and saved_type != config.quantizer.type:
+            raise TokenizerLoadError(f"{weights_path} holds the weights of a {saved_type!r} quantizer, but {config_path} "
+                                     f"sets quantizer.type={config.quantizer.type!r}: a checkpoint loads only as the "
+                                     f"quantizer type it was trained with")
         load_strict_state(model, weights_path, config_path, TokenizerLoadError)
         return model.to(device).eval()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _saved_quantizer_type(weights_path: Path) -> str | None:
+    """The quantizer family whose weights a tokenizer file holds, from its tensor names (None: unknown)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            keys = set(f.keys())
+    except Exception:  # unreadable files get load_strict_state's fuller message
+        return None
+    for prefix, kind in (("quantize.embedding.", "vq"), ("quantize.rvq.", "rvq"), ("quantize.lfq.", "lfq")):
+        if any(k.startswith(prefix) for k in keys):
+            return kind
+    return "fsq" if "quantize.window.step" in keys else None

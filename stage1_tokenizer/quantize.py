@@ -27,9 +27,9 @@ from einops import rearrange
 
 @dataclass
 class QuantizerConfig:
-    type: str = "vq"                  # one key per quantizer family; only "vq" exists so far
-    codebook_size: int = 1024
-    code_dim: int = 8                 # LlamaGen: 8-d codes reach ~97 % usage at 16,384 entries
+    type: str = "vq"                  # "vq" | "rvq" | "fsq" | "lfq" (see stage1_tokenizer/quantizers.py)
+    codebook_size: int = 1024         # vq, rvq (per level); lfq: a power of two, log2 of it = latent channels
+    code_dim: int = 8                 # vq, rvq. LlamaGen: 8-d codes reach ~97 % usage at 16,384 entries
     l2_normalize: bool = True
     beta: float = 0.25                # commitment weight
     legacy_beta: bool = False         # taming's default: beta on the codebook term instead (see FIELD.md)
@@ -39,12 +39,27 @@ class QuantizerConfig:
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
     usage_window: int = 100           # training steps over which `window_usage` counts used codes
+    levels: tuple[int, ...] = (8, 5, 5, 5)  # fsq: values per latent channel; prod = codes (1,000 here)
+    depth: int = 4                    # rvq: codes per position
+    shared_codebook: bool = False     # rvq: one codebook for every level
+    quantize_dropout: bool = False    # rvq: train on a random depth so any depth <= D decodes
+    lfq_entropy_weight: float = 0.1   # lfq: weight of per-sample minus batch entropy (MAGVIT-v2)
+    lfq_diversity_gamma: float = 1.0  # lfq: weight of the batch entropy inside that term
+    lfq_inv_temperature: float = 100.0  # lfq: sharpness of the soft assignment the entropy is taken over
 
     def __post_init__(self) -> None:
-        if self.type != "vq":
-            raise ValueError(f"quantizer.type={self.type!r}: only 'vq' is available")
+        types = ("vq", "rvq", "fsq", "lfq")
+        if self.type not in types:
+            raise ValueError(f"quantizer.type={self.type!r}: expected one of {', '.join(types)}")
         if self.codebook_size < 2:
             raise ValueError(f"quantizer.codebook_size must be >= 2, got {self.codebook_size}")
+        if self.type == "lfq" and self.codebook_size & (self.codebook_size - 1):
+            raise ValueError(f"quantizer.codebook_size must be a power of two for lfq, got {self.codebook_size}")
+        self.levels = tuple(self.levels)
+        if not self.levels or any(isinstance(v, bool) or not isinstance(v, int) or v < 2 for v in self.levels):
+            raise ValueError(f"quantizer.levels must be integers >= 2 (e.g. [8, 5, 5, 5]), got {list(self.levels)}")
+        if self.depth < 1:
+            raise ValueError(f"quantizer.depth must be >= 1, got {self.depth}")
         if self.code_dim < 1:
             raise ValueError(f"quantizer.code_dim must be >= 1, got {self.code_dim}")
         if not 0.0 < self.ema_decay < 1.0:
@@ -92,6 +107,19 @@ class VectorQuantizer(nn.Module):
         # dead-code revival, and are saved so a resumed run continues identically
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_used", torch.zeros(K, dtype=torch.long))
+
+    @property
+    def latent_dim(self) -> int:
+        """Channels of the latents this quantizer takes."""
+        return self.config.code_dim
+
+    @property
+    def code_depth(self) -> int:
+        return 1
+
+    @property
+    def vocab_sizes(self) -> list[int]:
+        return [self.config.codebook_size]
 
     @property
     def codebook(self) -> torch.Tensor:

@@ -27,7 +27,10 @@ def reconstruction_metrics(model: VQGAN, batches: Iterable, device: str | torch.
     `on_batch(images, reconstructions)` sees every batch, e.g. to save the images."""
     was_training = model.training
     model.eval()
-    K = model.config.quantizer.codebook_size
+    # every level's codes in one index space: (B, h, w, D) codes count in D separate vocabularies
+    sizes = model.vocab_sizes
+    K = sum(sizes)
+    offsets = torch.tensor([0, *sizes[:-1]], device=device).cumsum(0) if len(sizes) > 1 else None
     counts = torch.zeros(K, dtype=torch.long, device=device)
     psnr_sum = baseline_sum = l1_sum = 0.0
     n = 0
@@ -39,7 +42,7 @@ def reconstruction_metrics(model: VQGAN, batches: Iterable, device: str | torch.
         psnr_sum += psnr(recon, images).sum().item()
         baseline_sum += psnr(mean_colour, images).sum().item()
         l1_sum += (recon - images).abs().flatten(1).mean(1).sum().item()
-        counts += torch.bincount(codes.flatten(), minlength=K)
+        counts += torch.bincount((codes if offsets is None else codes + offsets).flatten(), minlength=K)
         n += images.shape[0]
         if on_batch is not None:
             on_batch(images, recon)

@@ -14,7 +14,8 @@ forward pass.
 `weights_dtype=torch.bfloat16` keeps bf16 copies of the matmul weights: sampling reads every
 weight once per token, so on a CPU it is memory-bound and half the bytes is nearly twice the speed.
 Norms, rotary, softmax and logits stay fp32. On a CPU the matmul weights are also packed once into
-oneDNN's blocked layout (`packed_linear.PackedLinear`, `pack_weights=False` turns it off).
+the BLAS kernel's own layout, MKL's for fp32 and oneDNN's for bf16 (`packed_linear.PackedLinear`;
+`pack_weights=False` turns it off).
 """
 from __future__ import annotations
 

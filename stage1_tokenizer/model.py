@@ -46,6 +46,9 @@ class VQGANConfig:
         if self.resolution % self.downsample_factor:
             raise ValueError(f"model.resolution={self.resolution} is not divisible by the "
                              f"down-sampling factor {self.downsample_factor} of ch_mult={list(self.ch_mult)}")
+        if self.quantizer.type == "vqvae2" and self.resolution % (2 * self.downsample_factor):
+            raise ValueError(f"model.resolution={self.resolution}: the vqvae2 quantizer's top level halves the "
+                             f"{self.resolution // self.downsample_factor}-wide latent grid, which must be even")
         for width in {self.ch * m for m in self.ch_mult}:
             if width % min(self.norm_groups, width):
                 raise ValueError(f"model.norm_groups={self.norm_groups} does not divide channel width {width}")
@@ -78,10 +81,15 @@ class VQGAN(nn.Module):
     def code_grid(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
         """(h, w) of the code grid for images of this size."""
         H, W = (image_size, image_size) if isinstance(image_size, int) else image_size
-        f = self.config.downsample_factor
+        f = self.code_factor
         if H % f or W % f:
             raise ValueError(f"image size {H}x{W} is not divisible by the tokenizer's factor {f}")
         return H // f, W // f
+
+    @property
+    def code_factor(self) -> int:
+        """Pixels per code position along each side (the encoder's factor times the quantizer's)."""
+        return self.config.downsample_factor * self.quantize.grid_factor
 
     @property
     def code_depth(self) -> int:
@@ -186,7 +194,7 @@ def _saved_quantizer_type(weights_path: Path) -> str | None:
             keys = set(f.keys())
     except Exception:  # unreadable files get load_strict_state's fuller message
         return None
-    for prefix, kind in (("quantize.embedding.", "vq"), ("quantize.rvq.", "rvq"), ("quantize.lfq.", "lfq")):
+    for prefix, kind in (("quantize.top.", "vqvae2"), ("quantize.embedding.", "vq"), ("quantize.rvq.", "rvq"), ("quantize.lfq.", "lfq")):
         if any(k.startswith(prefix) for k in keys):
             return kind
     return "fsq" if "quantize.window.step" in keys else None

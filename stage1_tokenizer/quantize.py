@@ -27,7 +27,7 @@ from einops import rearrange
 
 @dataclass
 class QuantizerConfig:
-    type: str = "vq"                  # "vq" | "rvq" | "fsq" | "lfq" (see stage1_tokenizer/quantizers.py)
+    type: str = "vq"                  # "vq" | "rvq" | "fsq" | "lfq" | "vqvae2" (stage1_tokenizer/quantizers.py)
     codebook_size: int = 1024         # vq, rvq (per level); lfq: a power of two, log2 of it = latent channels
     code_dim: int = 8                 # vq, rvq. LlamaGen: 8-d codes reach ~97 % usage at 16,384 entries
     l2_normalize: bool = True
@@ -48,7 +48,7 @@ class QuantizerConfig:
     lfq_inv_temperature: float = 100.0  # lfq: sharpness of the soft assignment the entropy is taken over
 
     def __post_init__(self) -> None:
-        types = ("vq", "rvq", "fsq", "lfq")
+        types = ("vq", "rvq", "fsq", "lfq", "vqvae2")
         if self.type not in types:
             raise ValueError(f"quantizer.type={self.type!r}: expected one of {', '.join(types)}")
         if self.codebook_size < 2:
@@ -116,6 +116,8 @@ class VectorQuantizer(nn.Module):
     @property
     def code_depth(self) -> int:
         return 1
+
+    grid_factor = 1  # the code grid is the encoder's grid
 
     @property
     def vocab_sizes(self) -> list[int]:

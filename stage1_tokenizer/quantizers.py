@@ -13,8 +13,12 @@ The quantization itself comes from `vector-quantize-pytorch` (lucidrains):
 - `LFQ`: lookup-free quantization (MAGVIT-v2), with its per-sample minus batch entropy loss.
 - `ResidualVQ`: residual VQ of depth D (RQ-VAE, SoundStream), EMA codebooks, optional shared
   codebook and quantizer dropout.
-Written here: only the wrapping (layout, fp32 under autocast, usage statistics) and
-`build_quantizer`. Quantization runs in fp32 even under autocast, as for plain VQ.
+Written here: the wrapping (layout, fp32 under autocast, usage statistics), `build_quantizer`,
+and `HierarchicalQuantizer`, VQ-VAE-2's two-level hierarchy, which the library does not provide:
+top codes at half the bottom resolution, the bottom quantizer conditioned on the decoded top.
+Its codes are flattened per top position as (top, 4 bottom codes in raster order), D = 5, so
+every consumer of (B, h, w, D) codes takes it unchanged; `grid_factor` = 2 says the code grid is
+half the encoder's. Quantization runs in fp32 even under autocast, as for plain VQ.
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
+from dataclasses import replace
 
 from stage1_tokenizer.quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
 
@@ -66,6 +72,7 @@ class _LibraryQuantizer(nn.Module):
 
     latent_dim: int
     code_depth: int = 1
+    grid_factor: int = 1
     vocab_sizes: list[int]
 
     def __init__(self, config: QuantizerConfig):
@@ -190,8 +197,80 @@ class ResidualQuantizer(_LibraryQuantizer):
         return self.rvq.get_output_from_indices(codes)
 
 
+class HierarchicalQuantizer(nn.Module):
+    """VQ-VAE-2's two levels: a top VQ at half resolution, a bottom VQ conditioned on it.
+
+    Latents z (B, C, h, w) with C = 4 * code_dim. top = VQ(conv_s2(z)); the decoded top is
+    upsampled and concatenated with z to make the bottom latents; the decoder sees both levels,
+    merged by a 1x1 conv. Codes (B, h/2, w/2, 5): the top code, then its 2x2 bottom codes.
+    """
+
+    code_depth, grid_factor = 5, 2
+
+    def __init__(self, config: QuantizerConfig):
+        super().__init__()
+        self.config = config
+        level = replace(config, type="vq")
+        C, d = 4 * config.code_dim, config.code_dim
+        self.latent_dim, self.vocab_sizes = C, [config.codebook_size] * 5
+        self.to_top = nn.Sequential(nn.Conv2d(C, C, 4, stride=2, padding=1), nn.SiLU(), nn.Conv2d(C, d, 1))
+        self.top = VectorQuantizer(level)
+        self.top_up = nn.ConvTranspose2d(d, C, 4, stride=2, padding=1)
+        self.to_bottom = nn.Conv2d(2 * C, d, 1)
+        self.bottom = VectorQuantizer(level)
+        self.merge = nn.Conv2d(d + C, C, 1)
+
+    @staticmethod
+    def _check(z: torch.Tensor, channels: int) -> None:
+        if z.dim() != 4 or z.shape[1] != channels or z.shape[2] % 2 or z.shape[3] % 2:
+            raise ValueError(f"hierarchical quantizer expects latents (B, {channels}, h, w) with even h and w, "
+                             f"got {tuple(z.shape)}")
+
+    def _merge(self, bottom_q: torch.Tensor, top_up: torch.Tensor) -> torch.Tensor:
+        return self.merge(torch.cat([bottom_q.to(top_up.dtype), top_up], dim=1))
+
+    @staticmethod
+    def pack(top: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+        """top (B, h/2, w/2), bottom (B, h, w) -> (B, h/2, w/2, 5)."""
+        return torch.cat([top[..., None], rearrange(bottom, "b (h i) (w j) -> b h w (i j)", i=2, j=2)], dim=-1)
+
+    @staticmethod
+    def unpack(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return codes[..., 0], rearrange(codes[..., 1:], "b h w (i j) -> b (h i) (w j)", i=2, j=2)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        self._check(z, self.latent_dim)
+        top = self.top(self.to_top(z))
+        top_up = self.top_up(top.z_q.to(z.dtype))
+        bottom = self.bottom(self.to_bottom(torch.cat([z, top_up], dim=1)))
+        codes = self.pack(top.codes, bottom.codes)
+        offsets = torch.tensor([0, *self.vocab_sizes[:-1]], device=codes.device).cumsum(0)
+        stats = usage_stats(codes + offsets, sum(self.vocab_sizes))
+        for name, out in (("top", top), ("bottom", bottom)):
+            stats[f"quantizer/{name}_usage"] = out.stats["quantizer/batch_usage"]
+            stats[f"quantizer/{name}_window_usage"] = out.stats["quantizer/window_usage"]
+        stats["quantizer/window_usage"] = (stats["quantizer/top_window_usage"]
+                                           + stats["quantizer/bottom_window_usage"]) / 2
+        return QuantizerOutput(z_q=self._merge(bottom.z_q, top_up), codes=codes, loss=top.loss + bottom.loss,
+                               stats=stats)
+
+    @torch.no_grad()
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        self._check(z, self.latent_dim)
+        top = self.top.encode(self.to_top(z))
+        top_up = self.top_up(self.top.codes_to_latents(top).to(z.dtype))
+        bottom = self.bottom.encode(self.to_bottom(torch.cat([z, top_up], dim=1)))
+        return self.pack(top, bottom)
+
+    def codes_to_latents(self, codes: torch.Tensor) -> torch.Tensor:
+        top, bottom = self.unpack(codes)
+        dtype = self.top_up.weight.dtype
+        top_up = self.top_up(self.top.codes_to_latents(top).to(dtype))
+        return self._merge(self.bottom.codes_to_latents(bottom), top_up)
+
+
 QUANTIZERS = {"vq": VectorQuantizer, "fsq": FiniteScalarQuantizer, "lfq": LookupFreeQuantizer,
-              "rvq": ResidualQuantizer}
+              "rvq": ResidualQuantizer, "vqvae2": HierarchicalQuantizer}
 
 
 def build_quantizer(config: QuantizerConfig) -> nn.Module:

@@ -93,7 +93,7 @@ def complete_images(prior: GPTPrior, tokenizer: VQGAN, images: torch.Tensor, kee
     out_dir = Path(out_dir)
     device = next(prior.parameters()).device
     images = images.to(device)
-    codes = tokenizer.encode(images)                                    # (B, h, w)
+    codes = tokenizer.encode(images)                                    # (B, h, w) or (B, h, w, D)
     if tuple(keep.shape) != tuple(codes.shape[1:3]):
         raise ValueError(f"keep mask has shape {tuple(keep.shape)}, the code grid is {tuple(codes.shape[1:3])}")
     if keep.all():
@@ -102,6 +102,9 @@ def complete_images(prior: GPTPrior, tokenizer: VQGAN, images: torch.Tensor, kee
         raise ValueError("the keep mask keeps nothing: use `vqgan sample` to generate from scratch")
     B = codes.shape[0]
     keep_codes = codes.repeat_interleave(samples, 0)
+    position_keep = keep
+    if codes.dim() == 4:  # D codes per position: a position is kept or regenerated whole
+        keep = keep[..., None].expand(*keep.shape, codes.shape[-1])
     keep_labels = labels.to(device).repeat_interleave(samples, 0) if labels is not None else None
     generator = torch.Generator(device="cpu").manual_seed(seed)
     completed = generate(prior, B * samples if keep_labels is None else None, labels=keep_labels, cfg_scale=cfg_scale,
@@ -109,16 +112,16 @@ def complete_images(prior: GPTPrior, tokenizer: VQGAN, images: torch.Tensor, kee
                          keep_codes=keep_codes, keep_mask=keep.to(device), weights_dtype=weights_dtype)
     decoded = tokenizer.decode(completed).cpu()
     recon = tokenizer.decode(codes).cpu()
-    f = tokenizer.config.downsample_factor
-    pixel_keep = keep.repeat_interleave(f, 0).repeat_interleave(f, 1)
+    f = tokenizer.code_factor
+    pixel_keep = position_keep.repeat_interleave(f, 0).repeat_interleave(f, 1)
     masked = torch.where(pixel_keep, recon, torch.zeros_like(recon))
     rows = []
     for i in range(B):
         rows += [images[i].cpu(), masked[i], *decoded[i * samples:(i + 1) * samples]]
     write_images(torch.stack(rows), out_dir, [f"row{i // (samples + 2):03d}_{i % (samples + 2)}" for i in range(len(rows))],
                  nrow=samples + 2)
-    record = {"images": B, "samples_per_image": samples, "kept_positions": int(keep.sum()),
-              "regenerated_positions": int((~keep).sum()), "cfg_scale": cfg_scale, "seed": seed,
+    record = {"images": B, "samples_per_image": samples, "kept_positions": int(position_keep.sum()),
+              "regenerated_positions": int((~position_keep).sum()), "cfg_scale": cfg_scale, "seed": seed,
               "kept_codes_unchanged": bool((completed[:, keep] == keep_codes[:, keep]).all())}
     atomic_write_json(out_dir / "completion.json", record)
     return record

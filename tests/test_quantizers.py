@@ -14,6 +14,7 @@ QUANTIZERS = {
     "fsq": dict(type="fsq", levels=(5, 4, 3)),
     "lfq": dict(type="lfq", codebook_size=64),
     "rvq": dict(type="rvq", codebook_size=32, code_dim=4, depth=3),
+    "vqvae2": dict(type="vqvae2", codebook_size=32, code_dim=4),
 }
 
 
@@ -89,8 +90,8 @@ def test_every_quantizer_round_trips_through_save_and_load(name, tmp_path):
     (reconstruction.abs().mean() + out.loss).backward()
     model.eval()
     codes = model.encode(images)
-    depth = model.code_depth
-    assert codes.shape == ((2, 8, 8) if depth == 1 else (2, 8, 8, depth)) and codes.dtype == torch.int64
+    depth, side = model.code_depth, 16 // model.code_factor
+    assert codes.shape == ((2, side, side) if depth == 1 else (2, side, side, depth)) and codes.dtype == torch.int64
     limits = torch.tensor(model.vocab_sizes)
     assert (codes >= 0).all() and (codes < (limits if depth > 1 else limits[0])).all()
     model.save_pretrained(tmp_path / name)
@@ -131,7 +132,25 @@ def test_quantizer_config_errors():
     assert math.prod(QuantizerConfig(type="fsq").levels) == 1000
 
 
-@pytest.mark.parametrize("name", ["fsq", "lfq", "rvq"])
+def test_vqvae2_codes_are_top_then_its_bottom_block():
+    model = tiny_tokenizer(QUANTIZERS["vqvae2"])
+    assert model.code_factor == 4 and model.code_grid(16) == (4, 4) and model.vocab_sizes == [32] * 5
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    codes = model.encode(images)                                              # (2, 4, 4, 5)
+    top, bottom = model.quantize.unpack(codes)
+    assert top.shape == (2, 4, 4) and bottom.shape == (2, 8, 8)
+    assert torch.equal(model.quantize.pack(top, bottom), codes)
+    assert torch.equal(codes[:, 1, 2, 1:], bottom[:, 2:4, 4:6].reshape(2, 4))  # raster order of the 2x2 block
+    # the bottom level is conditioned on the top: changing a top code changes the decoded image there
+    changed = codes.clone()
+    changed[:, 0, 0, 0] = (changed[:, 0, 0, 0] + 1) % 32
+    difference = (model.decode(changed) - model.decode(codes)).abs()
+    assert difference[..., :4, :4].sum() > 0
+    with pytest.raises(ValueError, match="even"):
+        VQGANConfig(resolution=8, ch=16, ch_mult=(1, 2, 2, 2), quantizer=QuantizerConfig(type="vqvae2"))
+
+
+@pytest.mark.parametrize("name", ["fsq", "lfq", "rvq", "vqvae2"])
 def test_quantizer_end_to_end_through_the_console_script(name, tmp_path):
     """train-tokenizer -> encode -> train-prior -> sample, with each quantizer (CI-sized)."""
     import json
@@ -143,7 +162,9 @@ def test_quantizer_end_to_end_through_the_console_script(name, tmp_path):
     overrides = {"fsq": ["model.quantizer.type=fsq", "model.quantizer.levels=[4,3,3]"],
                  "lfq": ["model.quantizer.type=lfq", "model.quantizer.codebook_size=32"],
                  "rvq": ["model.quantizer.type=rvq", "model.quantizer.codebook_size=16", "model.quantizer.depth=2",
-                         "model.quantizer.code_dim=4"]}[name]
+                         "model.quantizer.code_dim=4"],
+                 "vqvae2": ["model.quantizer.type=vqvae2", "model.quantizer.codebook_size=16",
+                            "model.quantizer.code_dim=4"]}[name]
     source = "synthetic:shapes?size=16&classes=3"
     assert main(["train-tokenizer", "--config", str(repo / "configs/tiny.yaml"), *overrides,
                  "model.resolution=16", "model.ch=16", "model.ch_mult=[1,2]", "model.z_channels=8",
@@ -155,8 +176,8 @@ def test_quantizer_end_to_end_through_the_console_script(name, tmp_path):
     assert tokenizer.config.quantizer.type == name
     assert main(["encode", "--tokenizer", str(tokenizer_dir), "--data", source, "--out", str(tmp_path / "codes")]) == 0
     manifest = json.loads((tmp_path / "codes" / "manifest.json").read_text())
-    depth = tokenizer.code_depth
-    assert manifest["code_shape"] == ([8, 8] if depth == 1 else [8, 8, depth])
+    depth, side = tokenizer.code_depth, 16 // tokenizer.code_factor
+    assert manifest["code_shape"] == ([side, side] if depth == 1 else [side, side, depth])
     assert manifest["vocab_sizes"] == tokenizer.vocab_sizes
     assert main(["train-prior", "--config", str(repo / "configs/tiny.yaml"), "model.dim=32", "model.depth=1",
                  "model.heads=2", "train.batch_size=4", "train.warmup_steps=1", "train.steps=2",
@@ -166,8 +187,33 @@ def test_quantizer_end_to_end_through_the_console_script(name, tmp_path):
     prior_config = json.loads((tmp_path / "stage2" / "prior" / "config.json").read_text())["config"]
     assert prior_config["code_shape"] == manifest["code_shape"]
     from stage2_prior import GPTPrior
-    assert GPTPrior.from_pretrained(tmp_path / "stage2" / "prior").seq_len == 8 * 8 * depth  # h*w*D tokens
+    assert GPTPrior.from_pretrained(tmp_path / "stage2" / "prior").seq_len == side * side * depth  # h*w*D
     out = tmp_path / "samples"
     assert main(["sample", "--prior", str(tmp_path / "stage2" / "prior"), "--tokenizer", str(tokenizer_dir),
                  "--classes", "0,1", "--n", "2", "--cfg", "2.0", "--out", str(out)]) == 0
     assert len(list(out.glob("0000*.png"))) == 4 and (out / "grid.png").is_file()
+    from PIL import Image
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(tmp_path / "in.png")
+    assert main(["complete", "--prior", str(tmp_path / "stage2" / "prior"), "--tokenizer", str(tokenizer_dir),
+                 "--images", str(tmp_path / "in.png"), "--box", "0,8,16,16", "--samples", "2", "--label", "1",
+                 "--out", str(tmp_path / "completed")]) == 0
+    record = json.loads((tmp_path / "completed" / "completion.json").read_text())
+    assert record["kept_codes_unchanged"] and record["kept_positions"] == side * side // 2
+
+
+def test_vqvae_preset_trains_without_gan_or_perceptual_terms(tmp_path):
+    import json
+    from pathlib import Path
+
+    from vqgan.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    assert main(["train-tokenizer", "--config", str(repo / "configs/tiny-vqvae.yaml"), "model.resolution=16",
+                 "model.ch=16", "model.ch_mult=[1,2]", "model.z_channels=8", "train.steps=3", "train.batch_size=4",
+                 "train.warmup_steps=1", "train.eval_images=8", "train.image_every=1000", "train.checkpoint_every=1000",
+                 "train.mixed_precision=no", "loss.disc_start=0", "data.source=synthetic:shapes?size=16",
+                 f"train.out_dir={tmp_path}"]) == 0
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [entry for entry in logs if "loss/total" in entry]
+    assert steps and all("loss/l2" in entry for entry in steps)
+    assert not any(key.startswith(("disc/", "loss/gan", "loss/disc", "loss/perceptual")) for e in steps for key in e)

@@ -218,7 +218,7 @@ def test_decode_rejects_bad_codes():
 def test_config_validation():
     with pytest.raises(ValueError, match="not divisible"):
         VQGANConfig(resolution=30, ch_mult=(1, 2, 2))
-    with pytest.raises(ValueError, match="only 'vq'"):
+    with pytest.raises(ValueError, match="expected one of vq, rvq"):
         QuantizerConfig(type="gumbel")
 
 

@@ -23,14 +23,21 @@ half the encoder's. Quantization runs in fp32 even under autocast, as for plain 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange
-from dataclasses import replace
 
 from stage1_tokenizer.quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
+
+
+def flat_codes(codes: torch.Tensor, vocab_sizes: list[int]) -> torch.Tensor:
+    """Codes of every level in one index space of sum(vocab_sizes) entries: level i is shifted by
+    the sizes before it (the last axis holds the levels); one-level codes are returned as they are."""
+    if len(vocab_sizes) == 1:
+        return codes
+    return codes + torch.tensor([0, *vocab_sizes[:-1]], device=codes.device).cumsum(0)
 
 
 def usage_stats(codes_flat: torch.Tensor, num_codes: int) -> dict[str, torch.Tensor]:
@@ -83,18 +90,11 @@ class _LibraryQuantizer(nn.Module):
         """(B, N, C) fp32 -> (z_q (B, N, C), codes (B, N) or (B, N, D), loss ())."""
         raise NotImplementedError
 
-    def _level_offsets(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes of every level in one index space (for usage counts)."""
-        if self.code_depth == 1:
-            return codes
-        offsets = torch.tensor([0, *self.vocab_sizes[:-1]], device=codes.device).cumsum(0)
-        return codes + offsets
-
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         B, _, h, w = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
             z_q, codes, loss = self._quantize(_flatten(z, self.latent_dim))
-        flat = self._level_offsets(codes)
+        flat = flat_codes(codes, self.vocab_sizes)
         if self.training:
             self.window.update(flat)
         stats = usage_stats(flat, sum(self.vocab_sizes))
@@ -244,8 +244,7 @@ class HierarchicalQuantizer(nn.Module):
         top_up = self.top_up(top.z_q.to(z.dtype))
         bottom = self.bottom(self.to_bottom(torch.cat([z, top_up], dim=1)))
         codes = self.pack(top.codes, bottom.codes)
-        offsets = torch.tensor([0, *self.vocab_sizes[:-1]], device=codes.device).cumsum(0)
-        stats = usage_stats(codes + offsets, sum(self.vocab_sizes))
+        stats = usage_stats(flat_codes(codes, self.vocab_sizes), sum(self.vocab_sizes))
         for name, out in (("top", top), ("bottom", bottom)):
             stats[f"quantizer/{name}_usage"] = out.stats["quantizer/batch_usage"]
             stats[f"quantizer/{name}_window_usage"] = out.stats["quantizer/window_usage"]

@@ -10,6 +10,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from stage1_tokenizer.model import VQGAN
+from stage1_tokenizer.quantizers import flat_codes
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -30,7 +31,6 @@ def reconstruction_metrics(model: VQGAN, batches: Iterable, device: str | torch.
     # every level's codes in one index space: (B, h, w, D) codes count in D separate vocabularies
     sizes = model.vocab_sizes
     K = sum(sizes)
-    offsets = torch.tensor([0, *sizes[:-1]], device=device).cumsum(0) if len(sizes) > 1 else None
     counts = torch.zeros(K, dtype=torch.long, device=device)
     psnr_sum = baseline_sum = l1_sum = 0.0
     n = 0
@@ -42,7 +42,7 @@ def reconstruction_metrics(model: VQGAN, batches: Iterable, device: str | torch.
         psnr_sum += psnr(recon, images).sum().item()
         baseline_sum += psnr(mean_colour, images).sum().item()
         l1_sum += (recon - images).abs().flatten(1).mean(1).sum().item()
-        counts += torch.bincount((codes if offsets is None else codes + offsets).flatten(), minlength=K)
+        counts += torch.bincount(flat_codes(codes, sizes).flatten(), minlength=K)
         n += images.shape[0]
         if on_batch is not None:
             on_batch(images, recon)

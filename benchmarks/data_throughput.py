@@ -12,7 +12,6 @@ timed epoch includes DataLoader worker start-up, as every epoch of a non-persist
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time

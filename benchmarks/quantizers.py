@@ -42,6 +42,9 @@ VARIANTS = {
     "lfq": [f"{Q}type=lfq", f"{Q}codebook_size=256"],
     "vqvae2": [f"{Q}type=vqvae2", f"{Q}codebook_size=64", f"{Q}code_dim=8"],
     "vqvae": ["--config", "configs/tiny-vqvae.yaml"],          # VQ-VAE's objective, tiny's codebook
+    # VQGAN's full objective on vq-l2's codebook: LPIPS on and the discriminator early enough to act
+    # within a short run (the tiny preset starts it at step 600 and trains offline without LPIPS)
+    "vqgan": ["loss.perceptual_weight=1.0", "loss.disc_start=150"],
 }
 SWEEP = {f"vq-{k}": [f"{Q}codebook_size={k}"] for k in (512, 4096, 16384, 65536)}
 
@@ -71,6 +74,9 @@ def main() -> None:
     parser.add_argument("--source", default="synthetic:shapes?shape_size=0.55-0.85&textures=plain&layout=centered")
     parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--eval-count", type=int, default=500)
+    parser.add_argument("--eval-source", default=None,
+                        help="held-out data (default: --source's val split; an npz source has no split, so pass "
+                             "its test file, e.g. npz:../shared/assets/cifar10-partial/test.npz)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-quantizers"))
     parser.add_argument("--only", nargs="*", default=None, help="variant names (default: all)")
     parser.add_argument("--codebook-sweep", action="store_true", help="VQ at 512 / 4,096 / 16,384 / 65,536 codes")
@@ -81,9 +87,15 @@ def main() -> None:
     unknown = sorted(set(names) - set(variants))
     if unknown:
         sys.exit(f"--only: unknown variants {unknown}; choose from {sorted(variants)}")
-    split = "test" if args.source.startswith("npz:") else "val"
+    eval_source = args.eval_source or args.source
+    if eval_source == args.source and args.source.startswith("npz:"):
+        sys.exit("--eval-source: an npz source reads the whole file for every split; give the held-out file")
+    split = "test" if eval_source.startswith("npz:") else "val"
+    if "vqgan" in names and not os.environ.get("VQGAN_LPIPS_VGG"):
+        print("vqgan: LPIPS may need $VQGAN_LPIPS_VGG (the VGG16 backbone) on a machine without internet")
     print(machine_header())
-    print(f"source {args.source}, {args.steps} steps each, eval on {args.eval_count} held-out images ({split})\n")
+    print(f"source {args.source}, {args.steps} steps each, eval on {args.eval_count} held-out images "
+          f"({eval_source}, {split})\n")
     print("| quantizer | bits/image | PSNR dB | LPIPS | rFID | usage | perplexity | train img/s | peak MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
@@ -101,7 +113,7 @@ def main() -> None:
         batch = json.loads((out / "train" / "config.json").read_text()).get("train", {}).get("batch_size", 32) \
             if (out / "train" / "config.json").is_file() else 32
         no_fid = [] if os.environ.get("VQGAN_INCEPTION_WEIGHTS") else ["--no-fid"]
-        run(["evaluate", "tokenizer", "--tokenizer", str(tokenizer_dir), "--data", args.source, "--split", split,
+        run(["evaluate", "tokenizer", "--tokenizer", str(tokenizer_dir), "--data", eval_source, "--split", split,
              "--count", str(args.eval_count), "--out", str(out / "eval"), *no_fid], out / "eval.log")
         m = json.loads((out / "eval" / "metrics.json").read_text())
         fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731

@@ -5,10 +5,15 @@ Layouts, checked in this order:
 - `root/<class>/...`: one split by a hash of each file's relative path (stable when files are
   added, and identical for every training seed).
 - `root/*.png` with no class sub-folders: unlabelled (label -1).
+
+Class ids follow the sorted sub-folder names, unless `root/classes.json` (a JSON list of class
+names in id order, as `vqgan augment` writes next to its generated images) fixes the order: then
+ids match the model that generated the folder, and listed classes without a sub-folder still count.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from data.transforms import IMAGE_EXTENSIONS, SeededTransform, TransformConfig, 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+CLASSES_FILE = "classes.json"
 
 
 def _list_images(directory: Path) -> list[Path]:
@@ -30,6 +36,22 @@ def _list_images(directory: Path) -> list[Path]:
     found = [p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
              and not any(part.startswith(".") for part in p.relative_to(directory).parts) and p.is_file()]
     return sorted(found, key=lambda p: p.relative_to(directory).as_posix())
+
+
+def _read_class_order(root: Path) -> list[str] | None:
+    """The class names listed in `root/classes.json` in id order, or None when there is no such file."""
+    path = root / CLASSES_FILE
+    if not path.is_file():
+        return None
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataSourceError(f"class list {str(path)!r} cannot be read: {e}") from e
+    if (not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names)
+            or len(set(names)) != len(names)):
+        raise DataSourceError(f"class list {str(path)!r}: expected a JSON list of unique, non-empty class-name "
+                              f"strings (the sub-folder names in class-id order), got {str(names)[:200]}")
+    return names
 
 
 def _hash_fraction(relative_path: str) -> float:
@@ -85,6 +107,16 @@ class ImageFolderDataset(Dataset):
         # classes come from every split's tree, so an index means the same class in train and val
         class_names = sorted({p.relative_to(t).parts[0] for t, listing in listings.items() for p in listing
                               if len(p.relative_to(t).parts) > 1})
+        order = _read_class_order(self.root)
+        if order is not None:
+            unlisted = [name for name in class_names if name not in order]
+            if unlisted or not class_names:
+                raise DataSourceError(
+                    f"class list {str(self.root / CLASSES_FILE)!r}: "
+                    + (f"sub-folder(s) {', '.join(map(repr, unlisted))} are not listed in it (it lists "
+                       f"{', '.join(map(repr, order))})" if unlisted else
+                       "the folder has no class sub-folders to order; remove the file for an unlabelled folder"))
+            class_names = order  # ids as written, so they match the model that generated the images
         if class_names:
             stray = [p for p in files if len(p.relative_to(tree).parts) == 1]
             if stray:

@@ -46,9 +46,9 @@ def _encode(image: Image.Image, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
-def _write_shard(path: Path, entries: list[tuple[str, bytes]]) -> None:
+def write_shard(path: Path, entries: list[tuple[str, bytes]]) -> None:
     """Write `entries` (name, data) as a tar at `path` via `path.tmp`; every header field that could
-    vary between runs (mtime, owner, mode) is fixed."""
+    vary between runs (mtime, owner, mode) is fixed, so equal entries give a byte-identical tar."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -60,6 +60,9 @@ def _write_shard(path: Path, entries: list[tuple[str, bytes]]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+_write_shard = write_shard  # the old private name; pack_dataset calls it through this alias
 
 
 def _item_name(dataset: Any, index: int) -> str:

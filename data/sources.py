@@ -8,12 +8,18 @@
     hf:cifar10@train?image=img            a Hugging Face dataset: hub name, save_to_disk dir or image dir
     hf:user/name:config?streaming=1&shuffle=5000
     wds:/data/shards/train-{000000..000099}.tar   webdataset tar shards (local, http(s)://, pipe:)
+    mix:folder:/data/real|folder:gen/?synthetic=0.3   real + generated images, 30% of each epoch synthetic
 
 Options are read from the text after the LAST '?', and only when it is a `key=value&...` list
 with identifier keys, so URLs may carry their own query string:
 `wds:https://host/x-{0..9}.tar?X-Amz-Signature=abc` is all ARG. A URL whose own query looks like
 options (`?token=abc`) must be followed by options or by a lone '?':
 `wds:https://host/x.tar?token=abc?` (ARG is the URL, no options).
+
+`mix:REAL|SYNTHETIC?synthetic=F` splits ARG on '|' into two specs, each with its own options, and
+builds both like the mix itself (resolution, split, seed, transform, shuffle); the mix's options
+follow the last '?', so `synthetic=` must end the spec even when the inner specs have options:
+`mix:synthetic:shapes?size=64|folder:gen/?synthetic=0.5`. See `data.mix`.
 
 Each kind is one builder function plus one entry in `SOURCES`; a builder parses its own options
 with the `_*_option` helpers so unknown keys and bad values fail before any data is touched.
@@ -31,6 +37,7 @@ from data.arrays import NpzImages
 from data.errors import DataSourceError
 from data.folder import ImageFolderDataset
 from data.hf import load_hf_images
+from data.mix import mix_datasets
 from data.synthetic import LAYOUTS, SHAPE_CLASSES, TEXTURES, SyntheticShapes
 from data.transforms import TransformConfig
 from data.wds import WdsImages, shuffle_buffer_size
@@ -219,6 +226,27 @@ def _build_wds(arg: str, options: dict[str, str], req: Request) -> Dataset:
                      spec=req.spec)
 
 
+MIX_EXAMPLE = "mix:synthetic:shapes?size=64|folder:gen/?synthetic=0.5"
+
+
+def _build_mix(arg: str, options: dict[str, str], req: Request) -> Dataset:
+    if "synthetic" not in options:
+        read = f" (the options after the last '?' were read as {options})" if options else ""
+        raise _error(req.spec, f"a mix needs the synthetic share, as the last option: mix:REAL|SYNTHETIC?synthetic=F "
+                               f"with F in [0, 1); inner specs keep their own options before it, e.g. "
+                               f"{MIX_EXAMPLE!r}{read}")
+    _check_keys(req.spec, "mix", options, ("synthetic",))
+    fraction = _fraction_option(req.spec, options, "synthetic", 0.0)
+    specs = arg.split("|")
+    if len(specs) != 2 or not all(part.strip() for part in specs):
+        raise _error(req.spec, f"expected exactly two specs separated by '|' (REAL|SYNTHETIC), got {len(specs)} "
+                               f"part(s) in {arg!r}, e.g. {MIX_EXAMPLE!r}")
+    real, synthetic = (build_dataset(part, resolution=req.resolution, split=req.split, seed=req.seed,
+                                     transform=req.transform, shuffle=req.shuffle) for part in specs)
+    return mix_datasets(real, synthetic, fraction, seed=req.seed,
+                        shuffle=req.shuffle if req.shuffle is not None else req.split == "train", spec=req.spec)
+
+
 @dataclass(frozen=True)
 class Source:
     build: Callable[[str, dict[str, str], Request], Dataset]
@@ -234,6 +262,8 @@ SOURCES: dict[str, Source] = {
                             "[?image=COL&label=COL&streaming=1&shuffle=N]"),
     "wds": Source(_build_wds, "wds:URLS (webdataset tar shards, e.g. /data/train-{000000..000099}.tar)"
                               "[?shuffle=N&classes=N]"),
+    "mix": Source(_build_mix, "mix:REAL_SPEC|SYNTHETIC_SPEC?synthetic=F (F in [0, 1): the synthetic share "
+                              "of each epoch; the mix's option comes last, after any inner options)"),
 }
 
 
@@ -246,7 +276,8 @@ def build_dataset(spec: str, *, resolution: int, split: str = "train", seed: int
 
     Map-style for synthetic/folder/npz/hf (shuffling is the sampler's job); a
     `torch.utils.data.IterableDataset` for wds and hf with streaming=1, which split their data by
-    rank and DataLoader worker themselves and shuffle when `shuffle` (None: when split == "train").
+    rank and DataLoader worker themselves and shuffle when `shuffle` (None: when split == "train");
+    mix is map-style when both of its sources are.
     `transform` adds seeded random crops/flips; `require_labels` rejects unlabelled sources."""
     kind, arg, options = parse_spec(spec)
     if split not in SPLITS:

@@ -81,7 +81,26 @@ def _shuffled(samples: Iterator[dict], buffer_size: int, rng: np.random.Generato
         yield buffer[j]
 
 
-class WdsImages(IterableDataset):
+class ReaderSlots:
+    """Which (rank, DataLoader worker) slot this reader is: iterable sources deal their data out by it."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def _update_rank(self) -> None:
+        # read in the main process (construction, set_epoch): spawned workers have no process group
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def _slot(self) -> tuple[int, int]:
+        """(this reader's slot, number of slots) over ranks x DataLoader workers."""
+        self._update_rank()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.rank * workers + worker, self.world_size * workers
+
+
+class WdsImages(ReaderSlots, IterableDataset):
     """Iterable dataset over webdataset shards yielding `(image (3, R, R) float32 in [-1, 1],
     label int or -1)`; see the module docstring for how shards are split and shuffled.
 
@@ -143,18 +162,6 @@ class WdsImages(IterableDataset):
         Reaches DataLoader workers, persistent ones included."""
         self._augment.set_epoch(epoch)
         self._update_rank()
-
-    def _update_rank(self) -> None:
-        # read in the main process (construction, set_epoch): spawned workers have no process group
-        if dist.is_available() and dist.is_initialized():
-            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-
-    def _slot(self) -> tuple[int, int]:
-        """(this reader's slot, number of slots) over ranks x DataLoader workers."""
-        self._update_rank()
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.rank * workers + worker, self.world_size * workers
 
     def _epoch_shards(self) -> list[str]:
         if not self.shuffle_buffer:

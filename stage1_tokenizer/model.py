@@ -22,6 +22,11 @@ from stage1_tokenizer.layers import Decoder, Encoder
 from stage1_tokenizer.quantize import QuantizerConfig, QuantizerOutput
 from stage1_tokenizer.quantizers import build_quantizer
 
+# quantizer options that came with the quantizer family (format 1 had only vq's); see content_hash
+LATER_QUANTIZER_FIELDS = ("levels", "depth", "shared_codebook", "quantize_dropout", "lfq_entropy_weight",
+                          "lfq_diversity_gamma", "lfq_inv_temperature")
+_QUANTIZER_DEFAULTS = config_to_dict(QuantizerConfig())
+
 MODEL_TYPE = "vqgan-tokenizer"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -145,8 +150,17 @@ class VQGAN(nn.Module):
                 "config": config_to_dict(self.config)}
 
     def content_hash(self) -> str:
-        """sha256 over the config and every tensor: names the exact tokenizer that made codes."""
-        digest = hashlib.sha256(json.dumps(self.config_dict(), sort_keys=True).encode())
+        """sha256 over the config and every tensor: names the exact tokenizer that made codes.
+
+        Quantizer options added after the first format are left out while they hold their defaults,
+        so a tokenizer saved before they existed keeps its hash (and the priors trained on its codes
+        still load)."""
+        hashed = self.config_dict()
+        quantizer = hashed["config"]["quantizer"]
+        for name in LATER_QUANTIZER_FIELDS:
+            if name in quantizer and quantizer[name] == _QUANTIZER_DEFAULTS[name]:
+                del quantizer[name]
+        digest = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode())
         for name, tensor in sorted(self.state_dict().items()):
             digest.update(name.encode())
             digest.update(str(tensor.dtype).encode())

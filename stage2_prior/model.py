@@ -115,12 +115,23 @@ class PriorLoadError(ValueError):
     """A pretrained prior directory is missing, malformed, or was trained on another tokenizer's codes."""
 
 
+def _check_class_names(names: object, num_classes: int, error: type[Exception], where: str) -> None:
+    """None, or one distinct non-empty string per class id."""
+    if names is None:
+        return
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names) \
+            or len(set(names)) != len(names) or len(names) != num_classes:
+        raise error(f"{where} must be null or a list of {num_classes} distinct non-empty strings "
+                    f"(one per class id), got {names!r}")
+
+
 class GPTPrior(nn.Module):
     def __init__(self, config: PriorConfig):
         super().__init__()
         self.config = config
         self.tokenizer_hash: str = ""             # set by from_pretrained
         self.tokenizer_config: dict | None = None
+        self.class_names: list[str] | None = None  # names of class ids 0..num_classes-1, when the data had them
         V, L, D = config.vocab_size, config.seq_len, config.code_depth
         rotary = config.positions == "rotary"
         self.transformer = TransformerWrapper(
@@ -267,15 +278,20 @@ class GPTPrior(nn.Module):
 
     # ---- save / load --------------------------------------------------------------------------
     def config_dict(self, tokenizer_hash: str, tokenizer_config: dict | None) -> dict:
-        return {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, "config": config_to_dict(self.config),
+        meta = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, "config": config_to_dict(self.config),
                 "tokenizer_hash": tokenizer_hash, "tokenizer_config": tokenizer_config}
+        if self.class_names is not None:  # optional: checkpoints without it load with class_names None
+            meta["class_names"] = list(self.class_names)
+        return meta
 
     def save_pretrained(self, directory: str | Path, *, tokenizer_hash: str,
                         tokenizer_config: dict | None = None) -> Path:
-        """Write config.json (with the hash of the tokenizer whose codes it models) + model.safetensors atomically."""
+        """Write config.json (with the hash of the tokenizer whose codes it models, and `class_names` when
+        set) + model.safetensors atomically."""
         if not isinstance(tokenizer_hash, str) or not tokenizer_hash:
             raise ValueError("save_pretrained needs tokenizer_hash: the content_hash() of the tokenizer "
                              "whose codes this prior was trained on")
+        _check_class_names(self.class_names, self.config.num_classes, ValueError, "class_names")
         directory = Path(directory)
         meta = self.config_dict(tokenizer_hash, tokenizer_config)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
@@ -293,7 +309,7 @@ class GPTPrior(nn.Module):
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         meta = read_pretrained_config(directory, CONFIG_NAME, MODEL_TYPE, PriorLoadError)
-        known = {"model_type", "format_version", "config", "tokenizer_hash", "tokenizer_config"}
+        known = {"model_type", "format_version", "config", "tokenizer_hash", "tokenizer_config", "class_names"}
         unknown = sorted(set(meta) - known)
         if unknown:
             raise PriorLoadError(f"{config_path}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
@@ -314,7 +330,10 @@ class GPTPrior(nn.Module):
             config = config_from_dict(PriorConfig, meta["config"], where=f"{config_path}:config")
         except ConfigError as e:
             raise PriorLoadError(str(e)) from e
+        class_names = meta.get("class_names")
+        _check_class_names(class_names, config.num_classes, PriorLoadError, f"{config_path}: 'class_names'")
         model = cls(config)
         load_strict_state(model, weights_path, config_path, PriorLoadError)
         model.tokenizer_hash, model.tokenizer_config = recorded, tokenizer_config
+        model.class_names = list(class_names) if class_names is not None else None
         return model.to(device).eval()

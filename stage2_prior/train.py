@@ -249,6 +249,8 @@ def train(cfg: PriorRunConfig, resume: str | None = None) -> dict:
              "tokens_seen": state.step * tokens_per_step, "parameters": raw_model.num_parameters(),
              "exported": "ema" if ema is not None else "raw", "num_processes": accelerator.num_processes}
     if accelerator.is_main_process:
+        names = dataset.class_names
+        final_model.class_names = list(names) if conditional and names and len(names) == cfg.model.num_classes else None
         final_model.save_pretrained(out_dir / "prior", tokenizer_hash=dataset.tokenizer_hash,
                                     tokenizer_config=dataset.tokenizer_config)
         if tokenizer is not None:

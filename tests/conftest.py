@@ -25,3 +25,39 @@ def _deterministic_threads():
     # a fixed thread count keeps float reductions identical run to run
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are latency-bound: a second OpenMP thread only adds barrier waits, ten times
+    slower or worse on a busy machine. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY_PRIOR = ["model.dim=32", "model.depth=2", "model.heads=2", "train.batch_size=8", "train.warmup_steps=2",
+              "train.sample_every=1000", "train.checkpoint_every=2", "train.mixed_precision=no"]
+
+
+@pytest.fixture(scope="session")
+def tiny_stage2(tmp_path_factory) -> Path:
+    """A random 16 px tokenizer (4x4 codes of 16) and a class-conditional prior trained 3 steps on its
+    codes of 3 shape classes: ROOT/tokenizer, ROOT/codes, ROOT/prior_run/prior."""
+    from stage1_tokenizer import VQGAN, QuantizerConfig, VQGANConfig
+    from stage1_tokenizer.encode import encode_dataset
+    from vqgan.cli import main
+
+    root = tmp_path_factory.mktemp("stage2")
+    torch.manual_seed(0)
+    tokenizer = VQGAN(VQGANConfig(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                                  z_channels=8, norm_groups=8,
+                                  quantizer=QuantizerConfig(codebook_size=16, code_dim=4)))
+    tokenizer.save_pretrained(root / "tokenizer")
+    encode_dataset(tokenizer, "synthetic:shapes?size=32&classes=3", root / "codes", progress=False)
+    code = main(["train-prior", "--config", str(REPO / "configs/tiny.yaml"), *TINY_PRIOR, "train.steps=3",
+                 f"train.out_dir={root / 'prior_run'}", f"data.codes={root / 'codes'}",
+                 f"data.tokenizer={root / 'tokenizer'}"])
+    assert code == 0
+    return root

@@ -7,33 +7,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from stage1_tokenizer import VQGAN, QuantizerConfig, VQGANConfig
-from stage1_tokenizer.encode import encode_dataset
 from stage2_prior.images import box_to_keep_mask
+from conftest import TINY_PRIOR
 from vqgan.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-PRIOR = ["model.dim=32", "model.depth=2", "model.heads=2", "train.batch_size=8", "train.warmup_steps=2",
-         "train.sample_every=1000", "train.checkpoint_every=2", "train.mixed_precision=no"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stage2")
-    torch.manual_seed(0)
-    tokenizer = VQGAN(VQGANConfig(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                                  z_channels=8, norm_groups=8,
-                                  quantizer=QuantizerConfig(codebook_size=16, code_dim=4)))
-    tokenizer.save_pretrained(root / "tokenizer")
-    encode_dataset(tokenizer, "synthetic:shapes?size=32&classes=3", root / "codes", progress=False)
-    code = main(["train-prior", "--config", str(REPO / "configs/tiny.yaml"), *PRIOR, "train.steps=3",
-                 f"train.out_dir={root / 'prior_run'}", f"data.codes={root / 'codes'}",
-                 f"data.tokenizer={root / 'tokenizer'}"])
-    assert code == 0
-    return root
+def trained(tiny_stage2):
+    return tiny_stage2
 
 
 def test_sample_command_writes_images_per_class(trained, tmp_path):
@@ -89,7 +75,7 @@ def test_user_errors_are_clear(trained, tmp_path, capsys):
     assert code == 2 and "tokenizer" in err
 
     uncond_run = tmp_path / "uncond"
-    assert main(["train-prior", "--config", str(REPO / "configs/tiny.yaml"), *PRIOR, "train.steps=1",
+    assert main(["train-prior", "--config", str(REPO / "configs/tiny.yaml"), *TINY_PRIOR, "train.steps=1",
                  f"train.out_dir={uncond_run}", f"data.codes={trained / 'codes'}", f"data.tokenizer={tok}",
                  "data.conditional=false"]) == 0
     capsys.readouterr()

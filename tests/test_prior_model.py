@@ -12,13 +12,7 @@ from stage2_prior.packed_linear import PackedLinear
 from stage2_prior.sample import _DECODERS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models are latency-bound: a second OpenMP thread only adds barrier waits (10x slower on a busy machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_prior(seed: int = 0, **overrides) -> GPTPrior:

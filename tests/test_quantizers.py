@@ -110,6 +110,24 @@ def test_decode_checks_the_code_shape_and_range():
         model.decode(torch.full((1, 8, 8, 3), 32))
 
 
+def test_content_hash_is_stable_for_tokenizers_saved_before_the_quantizer_family():
+    import hashlib
+    import json
+
+    from stage1_tokenizer.model import LATER_QUANTIZER_FIELDS
+    model = tiny_tokenizer(dict(codebook_size=16, code_dim=4))
+    old = model.config_dict()                        # the format-1 config had only vq's options
+    for name in LATER_QUANTIZER_FIELDS:
+        del old["config"]["quantizer"][name]
+    digest = hashlib.sha256(json.dumps(old, sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    assert model.content_hash() == digest.hexdigest()
+    model.config.quantizer.depth = 2                 # a later option that differs from its default counts
+    assert model.content_hash() != digest.hexdigest()
+
+
 def test_checkpoint_of_one_type_loaded_as_another_is_refused(tmp_path):
     import json
     tiny_tokenizer(QUANTIZERS["fsq"]).save_pretrained(tmp_path / "fsq")

@@ -283,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vqgan.cli_eval import add_evaluate_parser
     add_evaluate_parser(sub)
+    from vqgan.cli_augment import add_augment_parser
+    add_augment_parser(sub)
+    from vqgan.cli_edit import add_edit_parser
+    add_edit_parser(sub)
 
     p = sub.add_parser("data", help="data utilities (pack)")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -3,12 +3,10 @@ OUT/report.md (tables and the image grids), with configs, seeds, sample counts, 
 stage and library versions, so a number can always be traced to what produced it."""
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
 from importlib import metadata
-from pathlib import Path
 
 import torch
 

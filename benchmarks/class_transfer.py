@@ -10,7 +10,8 @@ with classifier-free guidance (`stage2_prior.edit.class_transfer`). A small CNN 
 images (`eval.classifier`, cached under `--classifier-cache`) labels the decoded results. The table
 gives, per order and fraction, the share labelled with the target class and the share still
 labelled with the source class. "raster" resamples the last positions in raster order (the prior
-reads the kept top first); "random" resamples a seeded random subset.
+reads the kept top first); "random" resamples a seeded random subset; "center" resamples the
+positions nearest the centre, keeping the surroundings (for centred objects, the background).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument("--source", default=TINY_SOURCE, help="held-out images and the classifier's training data")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.625, 0.75, 0.875])
-    parser.add_argument("--orders", nargs="+", default=["raster", "random"], choices=["raster", "random"])
+    parser.add_argument("--orders", nargs="+", default=["raster", "random", "center"], choices=["raster", "random", "center"])
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)

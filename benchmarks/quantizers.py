@@ -114,7 +114,8 @@ def main() -> None:
             if (out / "train" / "config.json").is_file() else 32
         no_fid = [] if os.environ.get("VQGAN_INCEPTION_WEIGHTS") else ["--no-fid"]
         run(["evaluate", "tokenizer", "--tokenizer", str(tokenizer_dir), "--data", eval_source, "--split", split,
-             "--count", str(args.eval_count), "--out", str(out / "eval"), *no_fid], out / "eval.log")
+             "--count", str(args.eval_count), "--out", str(out / "eval"), *no_fid,
+             "--cache-dir", str(args.out.resolve() / "fid-cache")], out / "eval.log")
         m = json.loads((out / "eval" / "metrics.json").read_text())
         fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
         rate = args.steps * batch / wall if wall == wall else None

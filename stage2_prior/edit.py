@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from stage2_prior.model import GPTPrior
 from stage2_prior.sample import _check_options, _sample_tokens, generate
 
-ORDERS = ("raster", "random")
+ORDERS = ("raster", "random", "center")
 
 
 def _grid(prior: GPTPrior) -> tuple[int, int]:
@@ -81,20 +81,31 @@ def seam_band(mask: torch.Tensor, width: int = 1) -> torch.Tensor:
     return (grow(m) > 0)[:, 0] & (grow(1 - m) > 0)[:, 0]
 
 
-def fraction_mask(grid: tuple[int, int], resample_fraction: float, order: str = "raster",
-                  seed: int = 0) -> torch.Tensor:
-    """Mask (h, w) selecting round(fraction * h * w) positions (at least one, not all): the LAST ones
-    in raster order (so the prior reads the kept top first), or a seeded random subset."""
-    if not 0.0 < resample_fraction < 1.0:
-        raise ValueError(f"resample_fraction must lie in (0, 1), got {resample_fraction}")
+def position_order(grid: tuple[int, int], order: str = "raster", seed: int = 0) -> torch.Tensor:
+    """Flat grid positions in the order named: raster, seeded random, or nearest the centre first."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     n = math.prod(grid)
-    count = min(n - 1, max(1, round(resample_fraction * n)))
     if order == "raster":
-        chosen = torch.arange(n - count, n)
-    else:
-        chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count]
+        return torch.arange(n)
+    if order == "random":
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    ys, xs = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    distance = (ys - (grid[0] - 1) / 2) ** 2 + (xs - (grid[1] - 1) / 2) ** 2
+    return torch.argsort(distance.flatten(), stable=True)
+
+
+def fraction_mask(grid: tuple[int, int], resample_fraction: float, order: str = "raster",
+                  seed: int = 0) -> torch.Tensor:
+    """Mask (h, w) selecting round(fraction * h * w) positions (at least one, not all): the LAST ones
+    in raster order (so the prior reads the kept top first), a seeded random subset, or the ones
+    nearest the centre (keeping the surroundings of a centred object: its background)."""
+    if not 0.0 < resample_fraction < 1.0:
+        raise ValueError(f"resample_fraction must lie in (0, 1), got {resample_fraction}")
+    positions = position_order(grid, order, seed)
+    n = len(positions)
+    count = min(n - 1, max(1, round(resample_fraction * n)))
+    chosen = positions[n - count:] if order == "raster" else positions[:count]
     mask = torch.zeros(n, dtype=torch.bool)
     mask[chosen] = True
     return mask.reshape(grid)
@@ -175,19 +186,17 @@ def mix(codes_a: torch.Tensor, codes_b: torch.Tensor, region: torch.Tensor, *, p
 
 def interpolate(codes_a: torch.Tensor, codes_b: torch.Tensor, steps: int = 8, *, order: str = "raster",
                 seed: int = 0) -> torch.Tensor:
-    """Frames (steps, B, h, w[, D]) going from a to b by swapping positions to b's codes, in raster or
-    seeded random order; frame 0 is a and frame steps-1 is b. Pure code swapping: no prior."""
+    """Frames (steps, B, h, w[, D]) going from a to b by swapping positions to b's codes in
+    `position_order`; frame 0 is a and frame steps-1 is b. Pure code swapping: no prior."""
     codes_a, codes_b = torch.as_tensor(codes_a), torch.as_tensor(codes_b)
     if codes_a.shape != codes_b.shape:
         raise ValueError(f"codes to interpolate must have one shape, got {tuple(codes_a.shape)} and "
                          f"{tuple(codes_b.shape)}")
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (the two ends), got {steps}")
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     h, w = codes_a.shape[1:3]
     n = h * w
-    ranks = torch.arange(n) if order == "raster" else torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    ranks = position_order((h, w), order, seed)
     rank_grid = torch.empty(n, dtype=torch.long)
     rank_grid[ranks] = torch.arange(n)
     rank_grid = rank_grid.reshape(h, w).to(codes_a.device)

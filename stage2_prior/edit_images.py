@@ -64,6 +64,21 @@ def _mask_picture(mask: torch.Tensor, factor: int) -> torch.Tensor:
     return (pixels * 2 - 1)[None].expand(3, -1, -1)
 
 
+def kept_region_psnr(edited: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, factor: int,
+                     margin: int = 1) -> float | None:
+    """Mean PSNR (dB, images in [-1, 1] scaled to [0, 1]) of `edited` against `reference` over the
+    pixels of positions more than `margin` positions away from every masked one: the kept region
+    away from the seam, where the decoder's receptive field does not reach into the edit. None when
+    no position is that far."""
+    far = ~edit.seam_band(mask[None], margin)[0] & ~mask if margin > 0 else ~mask
+    if not far.any():
+        return None
+    pixels = far.repeat_interleave(factor, 0).repeat_interleave(factor, 1).cpu()
+    diff = ((edited.float().cpu() - reference.float().cpu()) / 2)[..., pixels]       # (B, 3, n)
+    mse = diff.pow(2).mean(dim=(1, 2)).clamp_min(1e-10)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
 def _write(rows: list[list[torch.Tensor]], out_dir: Path, record: dict) -> dict:
     """rows of (3, H, W) images -> out/rowRRR_CC.png, out/grid.png, out/edit.json."""
     ncol = max(len(r) for r in rows)
@@ -97,13 +112,15 @@ def inpaint_images(prior: GPTPrior, tokenizer: VQGAN, images: torch.Tensor, mask
     result = edit.resample(prior, many, mask, labels=rep_labels, seam_rounds=seam_rounds, **options)
     decoded = tokenizer.decode(result).cpu()
     f = tokenizer.code_factor
+    recon = tokenizer.decode(many).cpu()
     picture = _mask_picture(mask, f)
     rows = [[images[i].cpu(), picture, *decoded[i * samples:(i + 1) * samples]] for i in range(B)]
-    outside = ~mask
+    # with seam rounds the band around the mask is resampled too: only what lies beyond it is kept
+    kept = ~mask if not seam_rounds else ~(mask | edit.seam_band(mask[None])[0])
     record = {"command": "inpaint", "images": B, "samples_per_image": samples, "masked_positions": int(mask.sum()),
-              "kept_positions": int(outside.sum()), "seam_rounds": seam_rounds,
-              "kept_codes_unchanged": bool((result[:, outside] == many[:, outside]).all()),
-              **_sampling(options)}
+              "kept_positions": int(kept.sum()), "seam_rounds": seam_rounds,
+              "kept_codes_unchanged": bool((result[:, kept] == many[:, kept]).all()),
+              "kept_region_psnr_db": kept_region_psnr(decoded, recon, ~kept, f), **_sampling(options)}
     return _write(rows, out_dir, record)
 
 
@@ -119,15 +136,19 @@ def transfer_images(prior: GPTPrior, tokenizer: VQGAN, images: torch.Tensor, tar
         [edit.fraction_mask(grid, r, order, options.get("seed", 0)) for r in resample_fractions]
     many = codes.repeat_interleave(samples, 0)
     labels = torch.full((many.shape[0],), target_class, dtype=torch.long)
+    recon = tokenizer.decode(many).cpu()
     rows = [[images[i].cpu()] for i in range(B)]
+    unchanged, psnr = [], []
     for m in masks:
         result = edit.class_transfer(prior, many, labels, mask=m, **options)
         decoded = tokenizer.decode(result).cpu()
+        unchanged.append(bool((result[:, ~m] == many[:, ~m]).all()))
+        psnr.append(kept_region_psnr(decoded, recon, m, f))
         for i in range(B):
             rows[i] += [_mask_picture(m, f), *decoded[i * samples:(i + 1) * samples]]
     record = {"command": "transfer", "images": B, "target_class": target_class, "samples_per_image": samples,
               "resampled_fractions": [round(float(m.float().mean()), 4) for m in masks], "order": order,
-              **_sampling(options)}
+              "kept_codes_unchanged": all(unchanged), "kept_region_psnr_db": psnr, **_sampling(options)}
     return _write(rows, out_dir, record)
 
 
@@ -142,10 +163,15 @@ def mix_images(prior: GPTPrior, tokenizer: VQGAN, image_a: torch.Tensor, image_b
     mixed = edit.mix(a, b, region, prior=prior, seam_rounds=seam_rounds,
                      labels=None if labels is None else labels.expand(samples), **options)
     f = tokenizer.code_factor
-    row = [image_a.cpu(), image_b.cpu(), _mask_picture(region, f), tokenizer.decode(spliced)[0].cpu(),
-           *tokenizer.decode(mixed).cpu()]
+    harmonised = tokenizer.decode(mixed).cpu()
+    # a's codes stay outside the region and, with seam rounds, outside the band around it
+    changed = region | edit.seam_band(region[None])[0] if seam_rounds else region
+    row = [image_a.cpu(), image_b.cpu(), _mask_picture(region, f), tokenizer.decode(spliced)[0].cpu(), *harmonised]
     record = {"command": "mix", "region_positions": int(region.sum()), "seam_rounds": seam_rounds,
-              "samples": samples, "columns": ["a", "b", "region", "spliced", "harmonised..."], **_sampling(options)}
+              "samples": samples, "columns": ["a", "b", "region", "spliced", "harmonised..."],
+              "kept_codes_unchanged": bool((mixed[:, ~changed] == a[:, ~changed]).all()),
+              "kept_region_psnr_db": kept_region_psnr(harmonised, tokenizer.decode(a).cpu(), changed, f),
+              **_sampling(options)}
     return _write([row], out_dir, record)
 
 

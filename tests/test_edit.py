@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from stage1_tokenizer import VQGAN, QuantizerConfig, VQGANConfig
 from stage2_prior import GPTPrior, PriorConfig, generate
 from stage2_prior.edit import (check_mask, class_transfer, extend, fraction_mask, interpolate, mix, resample,
                                seam_band, window_origin)
-from stage2_prior.edit_images import grid_mask, png_pixel_mask
+from stage2_prior.edit_images import grid_mask, kept_region_psnr, png_pixel_mask
 from vqgan.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,9 +64,24 @@ def test_masks_are_checked():
         check_mask(torch.ones(3, 4, dtype=torch.bool), (4, 4), 1)
     assert int(fraction_mask((4, 4), 0.5).sum()) == 8 and fraction_mask((4, 4), 0.5)[3].all()
     assert int(fraction_mask((4, 4), 0.25, "random", seed=1).sum()) == 4
+    centre = fraction_mask((4, 4), 0.25, "center")
+    assert centre[1:3, 1:3].all() and int(centre.sum()) == 4
     pixels = torch.zeros(16, 16, dtype=torch.bool)
     pixels[5, 9] = True                                  # one pixel marks its whole code position
     assert grid_mask(pixels, 4).nonzero().tolist() == [[1, 2]]
+
+
+def test_kept_region_psnr_ignores_the_edit_and_its_seam():
+    reference = torch.zeros(1, 3, 8, 8)
+    edited = reference.clone()
+    edited[..., 4:, :] = 1.0                                # the edit: rows 2-3 of a 4x4 grid (factor 2)
+    edited[..., 2:4, :] += 0.1                              # the seam row: the decoder spreads the edit
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[2:] = True
+    assert kept_region_psnr(edited, reference, mask, 2) == pytest.approx(100.0)   # only row 0 is far
+    assert kept_region_psnr(edited, reference, mask, 2, margin=0) == pytest.approx(10 * math.log10(2 / 0.05 ** 2))  # half its rows off
+    assert kept_region_psnr(edited, reference, torch.ones(4, 4, dtype=torch.bool).logical_xor(
+        torch.eye(4, dtype=torch.bool)), 2) is None
 
 
 def test_class_transfer_resamples_under_the_target_class():
@@ -91,6 +107,7 @@ def test_mix_and_interpolate_swap_codes():
     assert [int((f == 5).sum()) for f in frames] == [0, 4, 8, 12, 16]
     random = interpolate(a, b, steps=3, order="random", seed=0)
     assert int((random[1] == 5).sum()) == 8 and not torch.equal(random[1], frames[2])
+    assert torch.equal(interpolate(a, b, steps=5, order="center")[1][0], fraction_mask((4, 4), 0.25, "center") * 5)
 
 
 def test_extend_on_the_trained_grid_is_the_plain_sampler():
@@ -151,10 +168,13 @@ def test_edit_commands_end_to_end(tiny_stage2, tmp_path):
 
     assert main(["edit", "transfer", *pair, "--images", a, "--to-class", "2", "--resample", "0.25,0.75",
                  "--out", str(tmp_path / "transfer")]) == 0
-    assert json.loads((tmp_path / "transfer" / "edit.json").read_text())["resampled_fractions"] == [0.25, 0.75]
+    record = json.loads((tmp_path / "transfer" / "edit.json").read_text())
+    assert record["resampled_fractions"] == [0.25, 0.75] and record["kept_codes_unchanged"]
+    assert all(10 < p < 100 for p in record["kept_region_psnr_db"])  # a random decoder: only sanity here
 
     assert main(["edit", "mix", *pair, "--image-a", a, "--image-b", b, "--box", "8,0,16,16",
                  "--out", str(tmp_path / "mix")]) == 0
+    assert json.loads((tmp_path / "mix" / "edit.json").read_text())["kept_codes_unchanged"]
     assert main(["edit", "interpolate", "--tokenizer", pair[3], "--image-a", a, "--image-b", b, "--steps", "4",
                  "--out", str(tmp_path / "interp")]) == 0
     assert len(list((tmp_path / "interp").glob("row000_*.png"))) == 6

@@ -159,8 +159,9 @@ def add_edit_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--images", nargs="+", required=True)
     q.add_argument("--to-class", type=int, required=True, help="target class id")
     q.add_argument("--resample", default="0.5", help="fraction(s) of code positions to resample, comma-separated")
-    q.add_argument("--order", choices=["raster", "random"], default="raster",
-                   help="raster: resample the last positions (keep the top); random: a seeded random subset")
+    q.add_argument("--order", choices=["raster", "random", "center"], default="raster",
+                   help="raster: resample the last positions (keep the top); random: a seeded random subset; "
+                        "center: the positions nearest the centre (keep the surroundings)")
     _mask_options(q, "the region to resample (instead of --resample)")
     q.add_argument("--samples", type=int, default=1, help="results per image and fraction")
 
@@ -182,7 +183,7 @@ def add_edit_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--image-a", required=True)
     q.add_argument("--image-b", required=True)
     q.add_argument("--steps", type=int, default=8, help="frames including both ends")
-    q.add_argument("--order", choices=["raster", "random"], default="raster")
+    q.add_argument("--order", choices=["raster", "random", "center"], default="raster")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True, type=Path)
     q.add_argument("--device", default=None)

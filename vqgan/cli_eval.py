@@ -66,9 +66,16 @@ def _cmd_evaluate_tokenizer(args: argparse.Namespace) -> int:
                                  batch_size=args.batch_size, device=args.device or "cpu",
                                  lpips_weights=args.lpips_weights)
     if not args.no_fid:
+        cache_name = None
+        if args.cache_dir:  # the held-out originals are the same for every tokenizer evaluated on them
+            from eval.fidelity import reference_cache_name
+            count = sum(1 for _ in Path(results["real_dir"]).iterdir())
+            cache_name = "originals-" + reference_cache_name(args.data, args.split, tokenizer.config.resolution,
+                                                             count, args.inception_weights)
         rfid = compute_metrics(results["recon_dir"], results["real_dir"], fid=True, kid=False, prc=False,
                                inception_weights=args.inception_weights, batch_size=args.batch_size,
-                               device=args.device or "cpu")
+                               device=args.device or "cpu", cache_dir=args.cache_dir,
+                               input2_cache_name=cache_name)
         results["rfid"] = rfid["fid"]
     atomic_write_json(Path(args.out) / "metrics.json", results)
     print(json.dumps(results, indent=2))
@@ -124,6 +131,7 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lpips-weights", default=None, help="VGG16 backbone file (default: $VQGAN_LPIPS_VGG, else download)")
     p.add_argument("--inception-weights", default=None)
     p.add_argument("--no-fid", action="store_true", help="skip rFID (no Inception pass)")
+    p.add_argument("--cache-dir", default=None, help="cache the originals' Inception features here (for rFID)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None)
     p.set_defaults(func=_cmd_evaluate_tokenizer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import weakref
+from typing import Callable, Sequence
 
 import torch
 
@@ -66,12 +67,27 @@ def _keep_tensors(prior: GPTPrior, batch_size: int, keep_codes: torch.Tensor | N
     return keep, forced
 
 
+# one generator for the batch, or one per row (see `_uniforms`)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _uniforms(shape: torch.Size, generator: Generators, device: torch.device) -> torch.Tensor:
+    """Uniforms (B, n) in float32 from one generator, or row b from generator[b]: then a row's numbers do
+    not depend on the other rows, so what a sequence is batched with cannot change its sample (serving)."""
+    if isinstance(generator, (list, tuple)):
+        rows = [torch.rand(shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generator]
+        return torch.stack(rows)
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32)
+
+
 def _sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                   generator: torch.Generator | None) -> torch.Tensor:
+                   generator: Generators) -> torch.Tensor:
     """logits (B, V) -> token ids (B,): temperature, then top-k, then top-p, then one Gumbel-max draw.
 
     With top-k the rest works on the k kept candidates only (the k largest; ties at the k-th value are
     broken by `torch.topk`), so the sort for top-p and the random draw cost O(k) instead of O(V).
+    `generator` may be a list of B generators, one per row.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -87,30 +103,34 @@ def _sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, 
         logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
     # Gumbel-max (argmax of logits + Gumbel noise) is an exact categorical sample that draws a
     # fixed-shape tensor per step, so the cached and uncached paths consume the generator alike
-    gen_device = generator.device if generator is not None else logits.device
-    uniform = torch.rand(logits.shape, generator=generator, device=gen_device, dtype=torch.float32)
+    uniform = _uniforms(logits.shape, generator, logits.device)
     gumbel = -torch.log(-torch.log(uniform.to(logits.device, torch.float64)))
     choice = (logits.to(torch.float64) + gumbel).argmax(dim=-1)
     return choice if candidates is None else candidates.gather(-1, choice[:, None])[:, 0]
 
 
-# the last decoder built per prior: its packed weights and cache serve the next call with the same
-# batch and dtype (building one packs every weight, a noticeable cost per call for a large prior)
+# the decoders built per prior, one per (batch, dtype) shape, at most _MAX_DECODERS: their packed
+# weights and caches serve later calls of the same shape (building one packs every weight, a
+# noticeable cost per call for a large prior; a server alternates guided and unguided shapes)
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MAX_DECODERS = 4
 
 
 def _decoder_for(prior: GPTPrior, batch_size: int, weights_dtype: torch.dtype | None) -> StaticKVDecoder:
     # in-place updates (optimizer steps, load_state_dict) bump a tensor's version; replacing it changes
     # its storage: either way the copied weights are stale
     state = tuple((p._version, p.data_ptr()) for p in prior.parameters())
-    key = (batch_size, weights_dtype, state)
-    cached = _DECODERS.get(prior)
-    if cached is not None and cached[0] == key:
+    shapes = _DECODERS.setdefault(prior, {})
+    cached = shapes.get((batch_size, weights_dtype))
+    if cached is not None and cached[0] == state:
         cached[1].reset()
         return cached[1]
-    _DECODERS.pop(prior, None)  # free the old copies before making new ones
+    for key in [k for k, (s, _) in shapes.items() if s != state or k == (batch_size, weights_dtype)]:
+        del shapes[key]            # free stale copies before making new ones
+    while len(shapes) >= _MAX_DECODERS:
+        del shapes[next(iter(shapes))]   # the oldest shape
     decoder = StaticKVDecoder(prior, batch_size, weights_dtype)
-    _DECODERS[prior] = (key, decoder)
+    shapes[(batch_size, weights_dtype)] = (state, decoder)
     return decoder
 
 
@@ -141,10 +161,10 @@ class _Progress:
 @torch.no_grad()
 def generate(prior: GPTPrior, n: int | None = None, *, labels: torch.Tensor | None = None, cfg_scale: float = 1.0,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None, seed: int | None = None,
+             generator: Generators = None, seed: int | None = None,
              keep_codes: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None,
              use_cache: bool = True, weights_dtype: torch.dtype | None = None,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Sample codes (B, *code_shape) from an autoregressive prior, B = n or len(labels).
 
     labels (B,) class ids (None = unconditional); cfg_scale != 1 applies classifier-free guidance,
@@ -153,8 +173,11 @@ def generate(prior: GPTPrior, n: int | None = None, *, labels: torch.Tensor | No
     Completion / editing: where keep_mask ((L,), code_shape, (B, L) or (B, *code_shape), bool) is
     True the token is forced to keep_codes (B, *code_shape) instead of sampled. The prior is
     autoregressive, so a sampled position sees only the kept codes before it in raster order, never
-    those after it. `seed` (or `generator`) makes the result reproducible. `weights_dtype`
-    (e.g. torch.bfloat16, cached path only) samples with reduced-precision copies of the weights.
+    those after it. `seed` (or `generator`) makes the result reproducible; a list of B generators gives
+    each row its own random numbers, so a row's sample does not depend on the other rows' generators.
+    `weights_dtype` (e.g. torch.bfloat16, cached path only) samples with reduced-precision copies of the
+    weights. `on_step(t, tokens)` is called once position t is final, with the token ids (B, L) so far
+    (`prior.unflatten_tokens` turns them into codes; positions after t are not sampled yet).
     """
     config = prior.config
     if prior.prior_type != "ar":
@@ -179,6 +202,8 @@ def generate(prior: GPTPrior, n: int | None = None, *, labels: torch.Tensor | No
         raise ValueError(f"give the number of samples n (a positive integer) or labels, got n={n!r}")
     else:
         B = n
+    if isinstance(generator, (list, tuple)) and len(generator) != B:
+        raise ValueError(f"got {len(generator)} generators for a batch of {B}: give one per row, or one generator")
     cond = prior.cond_tokens(labels, B)                        # (B,)
     guided = cfg_scale != 1.0 and labels is not None
     if guided:
@@ -213,6 +238,8 @@ def generate(prior: GPTPrior, n: int | None = None, *, labels: torch.Tensor | No
             if free_steps[t]:
                 sampled = _sample_tokens(next_logits(last, t), temperature, top_k, top_p, generator)
                 tokens[:, t] = torch.where(keep[:, t], forced[:, t], sampled) if editing else sampled
+            if on_step is not None:
+                on_step(t, tokens)
             bar.update()
             if t == L - 1:
                 break

@@ -43,7 +43,7 @@ TINY_PRIOR = ["model.dim=32", "model.depth=2", "model.heads=2", "train.batch_siz
 
 @pytest.fixture(scope="session")
 def tiny_stage2(tmp_path_factory) -> Path:
-    """A random 16 px tokenizer (4x4 codes of 16) and a class-conditional prior trained 3 steps on its
+    """A random 16 px tokenizer (8x8 codes of 16) and a class-conditional prior trained 3 steps on its
     codes of 3 shape classes: ROOT/tokenizer, ROOT/codes, ROOT/prior_run/prior."""
     from stage1_tokenizer import VQGAN, QuantizerConfig, VQGANConfig
     from stage1_tokenizer.encode import encode_dataset

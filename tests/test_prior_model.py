@@ -9,7 +9,7 @@ import torch
 from stage2_prior import GPTPrior, PriorConfig, PriorLoadError, generate
 from stage2_prior.kv_cache import StaticKVDecoder
 from stage2_prior.packed_linear import PackedLinear
-from stage2_prior.sample import _DECODERS
+from stage2_prior.sample import _DECODERS, _MAX_DECODERS
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,15 +165,19 @@ def test_decoder_is_reused_until_the_weights_change():
     prior = tiny_prior()
     labels = torch.tensor([0, 1])
     first = generate(prior, labels=labels, seed=3)
-    decoder = _DECODERS[prior][1]
+    decoder = _DECODERS[prior][(2, None)][1]
     assert torch.equal(generate(prior, labels=labels, seed=3), first)  # a reused decoder starts clean
-    assert _DECODERS[prior][1] is decoder
-    generate(prior, labels=torch.tensor([0, 1, 2]), seed=3)             # another batch size: a new decoder
-    assert _DECODERS[prior][1] is not decoder
+    assert _DECODERS[prior][(2, None)][1] is decoder
+    generate(prior, labels=torch.tensor([0, 1, 2]), seed=3)             # another batch size: its own decoder
+    assert _DECODERS[prior][(3, None)][1] is not decoder and _DECODERS[prior][(2, None)][1] is decoder
+    for batch in (4, 5, 6):                                             # at most _MAX_DECODERS shapes kept
+        generate(prior, n=batch, seed=0)
+    assert len(_DECODERS[prior]) == _MAX_DECODERS and (2, None) not in _DECODERS[prior]
     with torch.no_grad():
         prior.transformer.to_logits.weight.mul_(-1.0)                    # an in-place update: stale copies
     flipped = generate(prior, labels=labels, temperature=0.0)
     assert torch.equal(flipped, generate(prior, labels=labels, temperature=0.0, use_cache=False))
+    assert list(_DECODERS[prior]) == [(2, None)]                        # the stale ones were dropped
 
 
 def test_static_kv_cache_errors():

@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_augment_parser(sub)
     from vqgan.cli_edit import add_edit_parser
     add_edit_parser(sub)
+    from vqgan.serve.cli import add_serve_parser
+    add_serve_parser(sub)
 
     p = sub.add_parser("data", help="data utilities (pack)")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

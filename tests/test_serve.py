@@ -104,7 +104,10 @@ def test_health_docs_and_models(client, dirs):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/generate", "/v1/generate/stream", "/v1/encode", "/v1/decode", "/v1/reconstruct",
             "/v1/edit", "/v1/models"} <= set(paths)
-    assert client.get("/").status_code == 404  # the web page is not served yet
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'src="static/app.js"' in page.text and "default-src 'self'" in page.headers["content-security-policy"]
+    assert "/" not in paths                                                      # the page is not an API route
     info = client.get("/v1/models").json()
     assert info["tokenizer"]["content_hash"] == VQGAN.from_pretrained(dirs[1]).content_hash()
     assert info["tokenizer"]["code_shape"] == [GRID, GRID] and info["image_size"] == 16
@@ -282,6 +285,10 @@ def test_bad_inputs_get_clear_errors(dirs):
 def test_api_key_is_required_on_v1_routes_when_set(dirs):
     with _client(dirs, api_key="s3cret") as client:
         assert client.get("/health").status_code == 200                   # liveness stays open
+        for path, kind in [("/", "text/html"), ("/static/app.js", "javascript"), ("/static/style.css", "text/css")]:
+            public = client.get(path)                                      # the page needs no key; its calls do
+            assert public.status_code == 200 and kind in public.headers["content-type"], path
+        assert client.get("/static/missing.js").status_code == client.get("/static/%2e%2e/app.py").status_code == 404
         for headers in [{}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "s3cre"}, {"Authorization": "s3cret"}]:
             refused = client.get("/v1/models", headers=headers)
             assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"

@@ -5,7 +5,7 @@
 
 Modules: `app` (routes, settings), `batcher` (the model worker and dynamic batching), `schemas`
 (request and response bodies), `images` (upload checks, PNG encoding), `security` (body limit, API
-key), `edit_route` (POST /v1/edit), `cli` (the subcommand).
+key), `edit_route` (POST /v1/edit), `cli` (the subcommand); `static/` holds the web page served at `/`.
 """
 from vqgan.serve.app import ServeSettings, create_app
 

@@ -9,6 +9,7 @@
     POST /v1/reconstruct         image upload -> image/png (encode + decode)
     POST /v1/edit                multipart: inpaint | transfer | mix | interpolate -> PNG or JSON
     GET  /docs                   OpenAPI docs
+    GET  /                       the web page (static/: HTML, JS and CSS, no build step; no key needed)
 
 All model work runs on the `Batcher`'s worker thread; routes validate, queue and wait. No route
 takes a file-system path: models come from the command line, images and codes from the request.
@@ -28,7 +29,8 @@ from typing import Any, AsyncIterator, Callable
 import torch
 from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from stage2_prior import PriorLoadError
@@ -39,6 +41,11 @@ from vqgan.serve.schemas import (BUSY_RESPONSE, PNG_RESPONSE, DecodeRequest, Enc
                                  GenerateRequest, GenerateResponse, Health, SamplingOptions, StreamRequest,
                                  unprocessable)
 from vqgan.serve.security import BodyLimit, api_key_dependency
+
+STATIC = Path(__file__).parent / "static"
+# the page loads nothing from elsewhere: no CDN, no fonts; images arrive as data: and blob: URLs
+PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; "
+            "frame-ancestors 'none'")
 
 
 @dataclass
@@ -267,6 +274,11 @@ def create_app(prior_dir: str | Path, tokenizer_dir: str | Path, settings: Serve
         return Health(status="ok", queued=server.batcher.queue.qsize(), max_batch=settings.max_batch,
                       requests_per_call=round(sum(calls) / len(calls), 2) if calls else None)
 
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_CSP})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")  # the page's JS and CSS: public files
     app.include_router(_v1_routes(server))
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     if settings.cors_origins:  # added last, so it is outermost: even a 413 carries the CORS headers

@@ -84,6 +84,27 @@ def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, 
     return weight.clamp(0.0, max_weight).detach()
 
 
+def _adaptive_gan_total(rec: Tensor, g_loss: Tensor, quantizer_term: Tensor, reconstructions: Tensor,
+                        last_layer: Tensor, disc_weight: float, max_weight: float) -> tuple[Tensor, Tensor]:
+    """(weight, total) for total = rec + quantizer_term + weight * g_loss, with the backward through
+    LPIPS and the discriminator run once instead of twice.
+
+    `adaptive_gan_weight` takes d rec/d last_layer and d gan/d last_layer through the whole loss
+    graphs, and the caller's backward then runs those graphs again. Both losses reach the parameters
+    only through `reconstructions`, so their gradients there (one pass through LPIPS, one through D)
+    give the last-layer gradients by the short path reconstructions -> last_layer, and the caller's
+    backward only needs x . (g_rec + w g_gan) in place of rec + w gan. The returned total has the
+    true value and the true gradients (up to summation order); the loss graphs are freed here."""
+    grad_rec = torch.autograd.grad(rec, reconstructions)[0]
+    grad_gan = torch.autograd.grad(g_loss, reconstructions)[0]
+    rec_w, gan_w = (torch.autograd.grad(reconstructions, last_layer, grad, retain_graph=True)[0]
+                    for grad in (grad_rec, grad_gan))
+    weight = disc_weight * (rec_w.norm() / (gan_w.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+    pulled = (reconstructions.float() * (grad_rec.float() + weight * grad_gan.float()).detach()).sum()
+    value = (rec + quantizer_term + weight * g_loss).detach()
+    return weight, value + (quantizer_term - quantizer_term.detach()) + (pulled - pulled.detach())
+
+
 class LeCamEMA(nn.Module):
     """LeCam regulariser (Tseng et al. 2021): keeps D's logits near EMAs of the other side's logits.
 
@@ -193,6 +214,14 @@ class VQGANLoss(nn.Module):
             elif torch.is_grad_enabled() and g_loss.requires_grad:
                 if last_layer is None:
                     raise ValueError("generator_loss: adaptive_weight needs the decoder's last_layer")
+                if reconstructions.requires_grad:
+                    weight, total = _adaptive_gan_total(rec, g_loss, cfg.codebook_weight * quantizer_loss,
+                                                        reconstructions, last_layer, cfg.disc_weight,
+                                                        cfg.max_adaptive_weight)
+                    logs["loss/gan_g"], logs["gan/weight"] = g_loss.detach(), weight
+                    logs.update({"loss/rec": rec.detach(), "loss/quantizer": quantizer_loss.detach(),
+                                 "loss/total": total.detach()})
+                    return total, logs
                 weight = cfg.disc_weight * adaptive_gan_weight(rec, g_loss, last_layer, cfg.max_adaptive_weight)
             else:  # evaluation under no_grad: the adaptive weight is undefined, drop the GAN term
                 weight = torch.zeros((), device=total.device)

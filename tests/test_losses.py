@@ -307,6 +307,30 @@ def test_gan_terms_switch_on_at_disc_start(random_lpips):
     assert torch.allclose(total, logs["loss/rec"] + 0.25 * logs["loss/quantizer"])
 
 
+def test_single_pass_adaptive_weight_gives_taming_gradients(random_lpips):
+    """generator_loss runs LPIPS's and D's backward once; the result must equal taming's recipe:
+    weight from the two last-layer gradients, then backward through the whole total."""
+    loss, decoder, disc, images, q_loss = gan_setup(random_lpips)
+    disc.requires_grad_(False)
+    last = decoder[-1].weight
+    total, logs = loss.generator_loss(images, decoder(images), q_loss, step=5, last_layer=last, discriminator=disc)
+    total.backward()
+    fast = [p.grad.clone() for p in decoder.parameters()] + [q_loss.grad.clone()]
+
+    decoder.zero_grad()
+    q_loss.grad = None
+    recon = decoder(images)
+    diff = images - recon
+    rec = diff.abs().mean() + 0.5 * diff.pow(2).mean() + loss.perceptual_loss(images, recon)
+    g_loss = loss.g_loss_fn(disc(recon))
+    weight = loss.config.disc_weight * adaptive_gan_weight(rec, g_loss, last)
+    reference = rec + 0.25 * q_loss + weight * g_loss
+    reference.backward()
+    assert torch.allclose(logs["gan/weight"], weight) and torch.allclose(total, reference)
+    for got, want in zip(fast, [p.grad for p in decoder.parameters()] + [q_loss.grad]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_fixed_gan_weight_without_adaptive(random_lpips):
     loss, decoder, disc, images, q_loss = gan_setup(random_lpips, adaptive_weight=False,
                                                     disc_loss="non_saturating")

@@ -9,7 +9,8 @@ class (image i goes to class (label + 1 + i mod (C - 1)) mod C, so every pair of
 with classifier-free guidance (`stage2_prior.edit.class_transfer`). A small CNN trained on the real
 images (`eval.classifier`, cached under `--classifier-cache`) labels the decoded results. The table
 gives, per order and fraction, the share labelled with the target class and the share still
-labelled with the source class. "raster" resamples the last positions in raster order (the prior
+labelled with the source class, whether every kept code is unchanged, and the PSNR of the result
+against the plain reconstruction over the kept positions more than one position from the edit. "raster" resamples the last positions in raster order (the prior
 reads the kept top first); "random" resamples a seeded random subset; "center" resamples the
 positions nearest the centre, keeping the surroundings (for centred objects, the background).
 """
@@ -29,7 +30,8 @@ import data  # noqa: E402
 from benchmarks._common import machine_header  # noqa: E402
 from eval.classifier import ClassifierConfig, load_or_train_classifier, predict  # noqa: E402
 from stage2_prior import generate  # noqa: E402
-from stage2_prior.edit import class_transfer  # noqa: E402
+from stage2_prior.edit import class_transfer, fraction_mask  # noqa: E402
+from stage2_prior.edit_images import kept_region_psnr  # noqa: E402
 from stage2_prior.images import load_pair  # noqa: E402
 
 TINY_SOURCE = "synthetic:shapes?shape_size=0.55-0.85&textures=plain&layout=centered"  # configs/tiny.yaml
@@ -69,21 +71,28 @@ def main() -> None:
     print(machine_header())
     print(f"prior {args.prior} ({C} classes, code grid {tuple(prior.code_shape)}), {count} held-out images of "
           f"{args.source}; guidance {args.cfg}, temperature {args.temperature}, seed {args.seed}")
-    recon = predict(classifier, tokenizer.decode(codes).cpu())
+    recon_images = tokenizer.decode(codes).cpu()
+    recon = predict(classifier, recon_images)
     fresh = predict(classifier, tokenizer.decode(generate(prior, labels=targets.to(args.device), cfg_scale=args.cfg,
                                                           temperature=args.temperature, seed=args.seed)).cpu())
     print(f"classifier on reconstructions: {100 * (recon == labels).float().mean():.1f}% source class; "
           f"on fresh samples of the target classes: {100 * (fresh == targets).float().mean():.1f}% target class\n")
-    print("| order | resampled fraction | labelled target | still labelled source | seconds |")
-    print("|---|---|---|---|---|")
+    print("| order | resampled fraction | labelled target | still labelled source | kept codes identical "
+          "| kept-region PSNR dB | seconds |")
+    print("|---|---|---|---|---|---|---|")
     for order in args.orders:
         for fraction in args.fractions:
             t0 = time.perf_counter()
             moved = class_transfer(prior, codes, targets.to(args.device), resample_fraction=fraction, order=order,
                                    cfg_scale=args.cfg, temperature=args.temperature, seed=args.seed)
-            predicted = predict(classifier, tokenizer.decode(moved).cpu())
+            decoded = tokenizer.decode(moved).cpu()
+            predicted = predict(classifier, decoded)
+            mask = fraction_mask(tuple(codes.shape[1:3]), fraction, order, args.seed).to(codes.device)
+            kept_same = bool((moved[:, ~mask] == codes[:, ~mask]).all())
+            psnr = kept_region_psnr(decoded, recon_images, mask.cpu(), tokenizer.code_factor)
             print(f"| {order} | {fraction:.3f} | {100 * (predicted == targets).float().mean():.1f}% "
-                  f"| {100 * (predicted == labels).float().mean():.1f}% | {time.perf_counter() - t0:.1f} |", flush=True)
+                  f"| {100 * (predicted == labels).float().mean():.1f}% | {'yes' if kept_same else 'NO'} "
+                  f"| {'n/a' if psnr is None else f'{psnr:.1f}'} | {time.perf_counter() - t0:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -61,3 +67,37 @@ def tiny_stage2(tmp_path_factory) -> Path:
                  f"data.tokenizer={root / 'tokenizer'}"])
     assert code == 0
     return root
+
+
+@contextmanager
+def live_server(prior: Path, tokenizer: Path, api_key: str) -> Iterator[str]:
+    """`python -m vqgan serve` on a free loopback port with an API key; yields its URL once /health
+    answers, and always stops the server."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VQGAN_API_KEY": api_key}
+    server = subprocess.Popen([sys.executable, "-m", "vqgan", "serve", "--prior", str(prior), "--tokenizer",
+                               str(tokenizer), "--port", str(port), "--log-level", "warning"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read().decode()[-2000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -6,10 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,11 +18,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from stage1_tokenizer import VQGAN
+from conftest import live_server
 from vqgan.cli import main
 from vqgan.serve import ServeSettings, create_app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REPO = Path(__file__).resolve().parents[1]
 GRID, FACTOR = 8, 2  # tiny_stage2: 16 px images, 8x8 codes of 16
 
 
@@ -317,27 +313,7 @@ def test_serve_command_refuses_a_missing_model(tmp_path, capsys):
 
 
 def test_live_uvicorn_from_the_console_script(dirs):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VQGAN_API_KEY": "k"}
-    server = subprocess.Popen([sys.executable, "-m", "vqgan", "serve", "--prior", str(dirs[0]), "--tokenizer",
-                               str(dirs[1]), "--port", str(port), "--log-level", "warning"], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stdout.read().decode()[-2000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.2)
+    with live_server(dirs[0], dirs[1], "k") as url:
         assert httpx.post(f"{url}/v1/generate", json={"seed": 1}, timeout=30).status_code == 401
         image = httpx.post(f"{url}/v1/generate", json={"class": 0, "seed": 1}, headers={"X-API-Key": "k"}, timeout=30)
         assert image.status_code == 200 and _pixels(image.content).shape == (16, 16, 3)
-    finally:
-        server.terminate()
-        server.wait(30)

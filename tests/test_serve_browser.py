@@ -8,58 +8,21 @@ import base64
 import io
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import live_server
+
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
 
-REPO = Path(__file__).resolve().parents[1]
 KEY = "browser-key"
 CHROMIUM = os.environ.get("VQGAN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 # checked before any fixture is built: a machine without a browser skips at once
 pytestmark = pytest.mark.skipif(not CHROMIUM, reason="no chromium binary on PATH: install Debian's chromium "
                                 "package (.ci/run does) or set VQGAN_CHROMIUM to a Chromium executable")
-
-
-@contextmanager
-def _live_server(prior: Path, tokenizer: Path) -> Iterator[str]:
-    """`python -m vqgan serve` on a free loopback port, with an API key; yields its URL once /health answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VQGAN_API_KEY": KEY}
-    server = subprocess.Popen([sys.executable, "-m", "vqgan", "serve", "--prior", str(prior), "--tokenizer",
-                               str(tokenizer), "--port", str(port), "--log-level", "warning"], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stdout.read().decode()[-2000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.2)
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def _page_bytes(page, expression: str) -> bytes:
@@ -99,7 +62,7 @@ def test_page_generates_streams_and_edits_in_chromium(tiny_stage2, tmp_path):
     Image.new("RGB", (24, 16), (200, 40, 40)).save(upload)  # not the served 16x16: the server crops it
     prior, tokenizer = tiny_stage2 / "prior_run" / "prior", tiny_stage2 / "tokenizer"
 
-    with _live_server(prior, tokenizer) as url, sync_api.sync_playwright() as playwright:
+    with live_server(prior, tokenizer, KEY) as url, sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from stage2_prior.model import GPTPrior
-from stage2_prior.sample import _check_options, _sample_tokens, generate
+from stage2_prior.sample import _check_options, _Progress, _sample_tokens, generate
 
 ORDERS = ("raster", "random", "center")
 
@@ -267,7 +267,6 @@ def extend(prior: GPTPrior, grid: tuple[int, int], *, n: int | None = None, labe
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = prior.training
     prior.eval()
-    from stage2_prior.sample import _Progress
     bar = _Progress(H * W * D, progress)
     try:
         for i in range(H):

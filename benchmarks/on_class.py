@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0, 3.0])
     parser.add_argument("--temperature", type=float, nargs="+", default=[1.0])
     parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--steps", type=int, nargs="+", default=[None],
+                        help="masked priors: decoding passes T to compare (default: the sampler's 8)")
+    parser.add_argument("--choice-temperature", type=float, default=None, help="masked priors: confidence noise")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--classifier-cache", type=Path, default=REPO / "runs" / "classifier")
     parser.add_argument("--classifier-width", type=int, default=ClassifierConfig.width)
@@ -62,17 +65,24 @@ def main() -> None:
     print(f"prior {args.prior}: {prior.num_parameters() / 1e6:.2f}M params, {num_classes} classes, "
           f"{prior.seq_len} tokens per image")
     print(f"classifier accuracy: real held-out {100 * real_acc:.1f}%, tokenizer reconstructions {100 * recon_acc:.1f}%")
-    print(f"\n| guidance | temperature | on-class accuracy ({args.per_class} x {num_classes} samples) | sampling s |")
-    print("|---|---|---|---|")
+    masked = prior.prior_type == "masked"
+    if not masked and args.steps != [None]:
+        raise SystemExit("--steps applies to masked priors; this prior is autoregressive")
+    print(f"\n| {'steps | ' if masked else ''}guidance | temperature | on-class accuracy "
+          f"({args.per_class} x {num_classes} samples) | sampling s |")
+    print("|---|---|---|---|" + ("---|" if masked else ""))
     asked = torch.arange(num_classes).repeat_interleave(args.per_class)
-    for temperature in args.temperature:
-        for scale in args.cfg:
-            t0 = time.perf_counter()
-            codes = generate(prior, labels=asked.to(args.device), cfg_scale=scale, temperature=temperature,
-                             top_k=args.top_k, seed=args.seed)
-            seconds = time.perf_counter() - t0
-            hits = (predict(classifier, tokenizer.decode(codes).cpu()) == asked).float().mean().item()
-            print(f"| {scale:g} | {temperature:g} | {100 * hits:.1f}% | {seconds:.1f} |")
+    decode = {"choice_temperature": args.choice_temperature} if masked else {}
+    for steps in args.steps:
+        for temperature in args.temperature:
+            for scale in args.cfg:
+                t0 = time.perf_counter()
+                codes = generate(prior, labels=asked.to(args.device), cfg_scale=scale, temperature=temperature,
+                                 top_k=args.top_k, seed=args.seed, **decode, **({"steps": steps} if masked else {}))
+                seconds = time.perf_counter() - t0
+                hits = (predict(classifier, tokenizer.decode(codes).cpu()) == asked).float().mean().item()
+                print(f"| {(str(steps or 8) + ' | ') if masked else ''}{scale:g} | {temperature:g} | "
+                      f"{100 * hits:.1f}% | {seconds:.1f} |")
 
 
 if __name__ == "__main__":

@@ -198,7 +198,8 @@ class SampleSource(Dataset):
     def __init__(self, prior: torch.nn.Module, tokenizer: torch.nn.Module, num_samples: int, *,
                  batch_size: int = 64, labels: str | Sequence[int] | torch.Tensor | None = "balanced",
                  cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int = 0):
+                 top_p: float | None = None, seed: int = 0, steps: int | None = None,
+                 choice_temperature: float | None = None):
         for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SampleSource: {name} must be a positive integer, got {value!r}")
@@ -215,6 +216,11 @@ class SampleSource(Dataset):
         self.prior, self.tokenizer, self.num_samples, self.batch_size = prior, tokenizer, num_samples, batch_size
         self.labels, self.seed = labels, seed
         self.options = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        if prior.prior_type == "masked":  # decoding passes; None = the sampler's defaults
+            self.options.update(steps=steps, choice_temperature=choice_temperature)
+        elif steps is not None or choice_temperature is not None:
+            raise ValueError("SampleSource: steps and choice_temperature apply to masked priors; this prior is "
+                             "autoregressive")
         self._cached: tuple[int, torch.Tensor] | None = None
 
     def __len__(self) -> int:

@@ -31,7 +31,8 @@ from common import atomic_write_bytes, atomic_write_json, sha256_file
 from data.pack import shard_name, write_shard
 from data.wds import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from stage1_tokenizer import VQGAN
-from stage2_prior.model import GPTPrior
+from stage2_prior.images import decoding_record
+from stage2_prior.model import CodePrior
 from stage2_prior.sample import _check_options, generate
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def chunk_seed(seed: int, class_id: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, class_id, chunk]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def prior_content_hash(prior: GPTPrior) -> str:
+def prior_content_hash(prior: CodePrior) -> str:
     """sha256 over the prior's config, class names and tensors (for priors not loaded from a file)."""
     digest = hashlib.sha256(json.dumps(prior.config_dict("", None), sort_keys=True, default=str).encode())
     for name, tensor in sorted(prior.state_dict().items()):
@@ -186,7 +187,7 @@ def _previous_chunks(out: Path, options: dict[str, Any], hashes: dict[str, Any],
     return done
 
 
-def _check_run_options(prior: GPTPrior, per_class: int, classes: Sequence[int] | None, batch_size: int, seed: int,
+def _check_run_options(prior: CodePrior, per_class: int, classes: Sequence[int] | None, batch_size: int, seed: int,
                        output_format: str) -> list[int]:
     """-> the class ids to generate, sorted; every bad option is an AugmentError."""
     num_classes = prior.config.num_classes
@@ -210,15 +211,16 @@ def _check_run_options(prior: GPTPrior, per_class: int, classes: Sequence[int] |
 
 
 @torch.no_grad()
-def augment(prior: GPTPrior, tokenizer: VQGAN, out_dir: str | Path, *, per_class: int,
+def augment(prior: CodePrior, tokenizer: VQGAN, out_dir: str | Path, *, per_class: int,
             classes: Sequence[int] | None = None, cfg_scale: float = 2.0, temperature: float = 1.0,
             top_k: int | None = None, top_p: float | None = None, seed: int = 0, batch_size: int = 64,
             output_format: str = "folder", weights_dtype: torch.dtype | None = None, prior_hash: str | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, steps: int | None = None, choice_temperature: float | None = None) -> dict[str, Any]:
     """Write `per_class` samples of each class in `classes` (None: all) to `out_dir` as an image folder
     or webdataset shards, with OUT/augment.json; resumes an earlier run with the same settings.
     `prior_hash` names the prior in the manifest (the CLI passes its model.safetensors sha256; None
-    hashes the weights in memory). Returns {"manifest", "written", "skipped", "out"}."""
+    hashes the weights in memory). `steps` and `choice_temperature` are a masked prior's decoding options.
+    Returns {"manifest", "written", "skipped", "out"}."""
     classes = _check_run_options(prior, per_class, classes, batch_size, seed, output_format)
     try:
         _check_options(prior, cfg_scale, temperature, top_k, top_p)
@@ -232,6 +234,9 @@ def augment(prior: GPTPrior, tokenizer: VQGAN, out_dir: str | Path, *, per_class
     options = {"per_class": per_class, "classes": classes, "cfg_scale": cfg_scale, "temperature": temperature,
                "top_k": top_k, "top_p": top_p, "seed": seed, "batch_size": batch_size, "format": output_format,
                "weights_dtype": str(weights_dtype or "model")}
+    if prior.prior_type == "masked":  # autoregressive runs keep the options they always had (resume)
+        options.update({k: v for k, v in decoding_record(prior, steps, choice_temperature).items()
+                        if k != "prior_type"})
     hashes = {"prior_hash": prior_hash or prior_content_hash(prior), "tokenizer_hash": tokenizer.content_hash()}
 
     done = _previous_chunks(out, options, {**hashes, "class_names": names}, layout)
@@ -266,7 +271,8 @@ def augment(prior: GPTPrior, tokenizer: VQGAN, out_dir: str | Path, *, per_class
         generator = torch.Generator(device="cpu").manual_seed(chunk_rng_seed)
         labels = torch.full((count,), c, dtype=torch.long, device=device)
         codes = generate(prior, labels=labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                         top_p=top_p, generator=generator, weights_dtype=weights_dtype)
+                         top_p=top_p, generator=generator, weights_dtype=weights_dtype, steps=steps,
+                         choice_temperature=choice_temperature)
         images = tokenizer.decode(codes).cpu()                             # (count, 3, H, W) in [-1, 1]
         done[(c, k)] = _write_chunk(out, layout, c, k, chunk_rng_seed, images, hashes, options)
         save(complete=False)

@@ -1,4 +1,4 @@
-"""Editing in code space: functions on code grids (no pixels) with an autoregressive prior.
+"""Editing in code space: functions on code grids (no pixels) with a prior of either type.
 
     from stage2_prior.edit import resample, class_transfer, mix, interpolate, extend, fraction_mask
     inpainted = resample(prior, codes, mask, seam_rounds=1, seed=0)        # mask (h, w): True = resample
@@ -17,8 +17,10 @@ where the hole ends (its bottom and right edges) can disagree with the kept cont
 help: each extra round resamples a band of `seam_width` positions on both sides of the mask's
 edge, now conditioned on the filled hole above it. They change kept codes inside the band, which
 is the price of a smoother seam; `seam_rounds=0` keeps every code outside the mask exactly.
-A masked (bidirectional) prior would see both sides; this module takes any prior that `generate`
-samples.
+A masked (bidirectional) prior sees both sides: every kept code steers every resampled one, so
+seam rounds are rarely needed, and `extend` fills each window in `steps` parallel passes. Every
+function takes either prior type; `steps` and `choice_temperature` are the masked prior's decoding
+options (an error with an autoregressive prior).
 """
 from __future__ import annotations
 
@@ -27,17 +29,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from stage2_prior.model import GPTPrior
+from stage2_prior.model import CodePrior
 from stage2_prior.sample import _check_options, _Progress, _sample_tokens, generate
 
 ORDERS = ("raster", "random", "center")
 
 
-def _grid(prior: GPTPrior) -> tuple[int, int]:
+def _grid(prior: CodePrior) -> tuple[int, int]:
     return prior.code_shape[0], prior.code_shape[1]
 
 
-def check_codes(prior: GPTPrior, codes: torch.Tensor, name: str = "codes") -> torch.Tensor:
+def check_codes(prior: CodePrior, codes: torch.Tensor, name: str = "codes") -> torch.Tensor:
     """codes must be (B, *code_shape) integers for this prior."""
     codes = torch.as_tensor(codes)
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
@@ -67,7 +69,7 @@ def check_mask(mask: torch.Tensor, grid: tuple[int, int], batch_size: int, name:
     return mask
 
 
-def _over_depth(mask: torch.Tensor, prior: GPTPrior) -> torch.Tensor:
+def _over_depth(mask: torch.Tensor, prior: CodePrior) -> torch.Tensor:
     """(B, h, w) position mask -> (B, *code_shape) token mask."""
     return mask[..., None].expand(*mask.shape, prior.code_shape[2]) if len(prior.code_shape) == 3 else mask
 
@@ -112,10 +114,11 @@ def fraction_mask(grid: tuple[int, int], resample_fraction: float, order: str = 
 
 
 @torch.no_grad()
-def resample(prior: GPTPrior, codes: torch.Tensor, mask: torch.Tensor, *, labels: torch.Tensor | None = None,
+def resample(prior: CodePrior, codes: torch.Tensor, mask: torch.Tensor, *, labels: torch.Tensor | None = None,
              cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, generator: torch.Generator | None = None, seam_rounds: int = 0,
-             seam_width: int = 1, weights_dtype: torch.dtype | None = None) -> torch.Tensor:
+             seam_width: int = 1, weights_dtype: torch.dtype | None = None, steps: int | None = None,
+             choice_temperature: float | None = None) -> torch.Tensor:
     """Resample the positions where `mask` ((h, w) or (B, h, w), True = resample) is set, in raster
     order with every other code fixed; then `seam_rounds` rounds that resample the band of
     `seam_width` positions around the mask's edge (see the module docstring). -> codes like `codes`."""
@@ -128,7 +131,8 @@ def resample(prior: GPTPrior, codes: torch.Tensor, mask: torch.Tensor, *, labels
     elif seed is not None:
         raise ValueError("pass generator or seed, not both")
     options = dict(labels=labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                   generator=generator, weights_dtype=weights_dtype)
+                   generator=generator, weights_dtype=weights_dtype, steps=steps,
+                   choice_temperature=choice_temperature)
     n = None if labels is not None else codes.shape[0]
     out = generate(prior, n, keep_codes=codes, keep_mask=~_over_depth(mask, prior), **options)
     band = seam_band(mask, seam_width)
@@ -137,11 +141,12 @@ def resample(prior: GPTPrior, codes: torch.Tensor, mask: torch.Tensor, *, labels
     return out
 
 
-def class_transfer(prior: GPTPrior, codes: torch.Tensor, target_labels: torch.Tensor, *,
+def class_transfer(prior: CodePrior, codes: torch.Tensor, target_labels: torch.Tensor, *,
                    resample_fraction: float = 0.5, mask: torch.Tensor | None = None, order: str = "raster",
                    cfg_scale: float = 3.0, temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None, seed: int = 0, seam_rounds: int = 0,
-                   weights_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   weights_dtype: torch.dtype | None = None, steps: int | None = None,
+                   choice_temperature: float | None = None) -> torch.Tensor:
     """Keep part of each image's codes and resample the rest under `target_labels` with guidance.
 
     The resampled part is `mask` when given, else `fraction_mask(resample_fraction, order, seed)`:
@@ -156,13 +161,15 @@ def class_transfer(prior: GPTPrior, codes: torch.Tensor, target_labels: torch.Te
     if labels.dim() == 0:
         labels = labels.expand(codes.shape[0])
     return resample(prior, codes, mask, labels=labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-                    top_p=top_p, seed=seed, seam_rounds=seam_rounds, weights_dtype=weights_dtype)
+                    top_p=top_p, seed=seed, seam_rounds=seam_rounds, weights_dtype=weights_dtype, steps=steps,
+                    choice_temperature=choice_temperature)
 
 
-def mix(codes_a: torch.Tensor, codes_b: torch.Tensor, region: torch.Tensor, *, prior: GPTPrior | None = None,
+def mix(codes_a: torch.Tensor, codes_b: torch.Tensor, region: torch.Tensor, *, prior: CodePrior | None = None,
         seam_rounds: int = 1, seam_width: int = 1, labels: torch.Tensor | None = None, cfg_scale: float = 1.0,
         temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-        weights_dtype: torch.dtype | None = None) -> torch.Tensor:
+        weights_dtype: torch.dtype | None = None, steps: int | None = None,
+        choice_temperature: float | None = None) -> torch.Tensor:
     """Codes of a with `region` ((h, w) or (B, h, w), True = from b) taken from b; with a prior and
     seam_rounds > 0, the band around the region's edge is resampled to harmonise the seam."""
     codes_a, codes_b = torch.as_tensor(codes_a), torch.as_tensor(codes_b)
@@ -180,7 +187,8 @@ def mix(codes_a: torch.Tensor, codes_b: torch.Tensor, region: torch.Tensor, *, p
     for _ in range(seam_rounds):
         mixed = generate(prior, n, labels=labels, keep_codes=mixed, keep_mask=~_over_depth(band, prior),
                          cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                         generator=generator, weights_dtype=weights_dtype)
+                         generator=generator, weights_dtype=weights_dtype, steps=steps,
+                         choice_temperature=choice_temperature)
     return mixed
 
 
@@ -214,18 +222,22 @@ def window_origin(index: int, size: int, window: int) -> int:
 
 
 @torch.no_grad()
-def extend(prior: GPTPrior, grid: tuple[int, int], *, n: int | None = None, labels: torch.Tensor | None = None,
+def extend(prior: CodePrior, grid: tuple[int, int], *, n: int | None = None, labels: torch.Tensor | None = None,
            init_codes: torch.Tensor | None = None, keep: torch.Tensor | None = None, cfg_scale: float = 1.0,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-           progress: bool = False) -> torch.Tensor:
+           progress: bool = False, steps: int | None = None, choice_temperature: float | None = None) -> torch.Tensor:
     """Sample codes on a grid (H, W) at least as large as the trained (h, w) by a sliding window
     (taming's scheme): each position is sampled from a window of the trained size placed so the
     position is as central as fits, conditioned on the window's codes before it in raster order
     (all already final, since the big grid is filled in raster order too). `init_codes`
     (B, H, W[, D]) with `keep` ((H, W) or (B, H, W), True = keep) extends existing content, e.g. an
     image's codes in the left columns. Each sampled position costs one full forward over at most
-    h*w*D tokens (no cache: the window moves). -> codes (B, H, W[, D])."""
+    h*w*D tokens (no cache: the window moves). A masked prior instead fills whole windows, each in
+    `steps` parallel passes conditioned on every decided code inside it (`_extend_masked`).
+    -> codes (B, H, W[, D])."""
     _check_options(prior, cfg_scale, temperature, top_k, top_p)
+    if prior.prior_type != "masked" and (steps is not None or choice_temperature is not None):
+        raise ValueError("steps and choice_temperature apply to masked priors; this prior is autoregressive")
     h, w = _grid(prior)
     H, W = (int(v) for v in grid)
     if H < h or W < w:
@@ -265,6 +277,10 @@ def extend(prior: GPTPrior, grid: tuple[int, int], *, n: int | None = None, labe
         tokens = torch.where(keep_grid[..., None], init + offsets, tokens)
 
     generator = torch.Generator(device=device).manual_seed(seed)
+    if prior.prior_type == "masked":
+        return _extend_masked(prior, tokens - offsets, keep_grid, labels=labels, n=B, cfg_scale=cfg_scale,
+                              temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, steps=steps,
+                              choice_temperature=choice_temperature, progress=progress)
     was_training = prior.training
     prior.eval()
     bar = _Progress(H * W * D, progress)
@@ -294,3 +310,36 @@ def extend(prior: GPTPrior, grid: tuple[int, int], *, n: int | None = None, labe
         prior.train(was_training)
     codes = tokens - offsets
     return codes if D > 1 else codes[..., 0]
+
+
+def _window_starts(size: int, window: int) -> list[int]:
+    """Window origins covering [0, size) with half-window overlap; the last one flush with the edge."""
+    starts = list(range(0, size - window + 1, max(1, window // 2)))
+    return starts if starts[-1] == size - window else starts + [size - window]
+
+
+def _extend_masked(prior: CodePrior, codes: torch.Tensor, known: torch.Tensor, *, labels: torch.Tensor | None,
+                   n: int, generator: torch.Generator, progress: bool, **options) -> torch.Tensor:
+    """extend() for a masked prior: windows of the trained size, half-overlapping, in raster order;
+    each samples its undecided positions in one `generate` call that keeps every decided code in it.
+    codes (B, H, W, D) without offsets, known (B, H, W) -> codes (B, H, W[, D])."""
+    h, w = _grid(prior)
+    H, W = known.shape[1:]
+    depth = len(prior.code_shape) == 3
+    known = known.clone()
+    origins = [(oi, oj) for oi in _window_starts(H, h) for oj in _window_starts(W, w)]
+    bar = _Progress(len(origins), progress, unit="window")
+    try:
+        for oi, oj in origins:
+            window_known = known[:, oi:oi + h, oj:oj + w]
+            if not window_known.all():
+                window = codes[:, oi:oi + h, oj:oj + w]
+                filled = generate(prior, None if labels is not None else n, labels=labels,
+                                  keep_codes=window if depth else window[..., 0],
+                                  keep_mask=_over_depth(window_known, prior), generator=generator, **options)
+                codes[:, oi:oi + h, oj:oj + w] = filled if depth else filled[..., None]
+                known[:, oi:oi + h, oj:oj + w] = True
+            bar.update()
+    finally:
+        bar.close()
+    return codes if depth else codes[..., 0]

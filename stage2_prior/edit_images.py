@@ -17,7 +17,7 @@ from common import atomic_write_json
 from stage1_tokenizer import VQGAN
 from stage2_prior import edit
 from stage2_prior.images import write_images
-from stage2_prior.model import GPTPrior
+from stage2_prior.model import CodePrior
 
 
 # ---- masks --------------------------------------------------------------------------------------
@@ -90,16 +90,17 @@ def _write(rows: list[list[torch.Tensor]], out_dir: Path, record: dict) -> dict:
     return record
 
 
-def _device(prior: GPTPrior) -> torch.device:
+def _device(prior: CodePrior) -> torch.device:
     return prior.level_offsets.device
 
 
 def _sampling(options: dict) -> dict:
-    return {k: options[k] for k in ("cfg_scale", "temperature", "top_k", "top_p", "seed") if k in options}
+    record = {k: options[k] for k in ("cfg_scale", "temperature", "top_k", "top_p", "seed") if k in options}
+    return {**record, **{k: options[k] for k in ("steps", "choice_temperature") if options.get(k) is not None}}
 
 
 # ---- commands -----------------------------------------------------------------------------------
-def inpaint_images(prior: GPTPrior, tokenizer: VQGAN, images: torch.Tensor, mask: torch.Tensor, out_dir: str | Path,
+def inpaint_images(prior: CodePrior, tokenizer: VQGAN, images: torch.Tensor, mask: torch.Tensor, out_dir: str | Path,
                    *, samples: int = 4, labels: torch.Tensor | None = None, seam_rounds: int = 0,
                    **options) -> dict:
     """Resample the masked code positions ((h, w), True = regenerate) of each image `samples` times."""
@@ -124,7 +125,7 @@ def inpaint_images(prior: GPTPrior, tokenizer: VQGAN, images: torch.Tensor, mask
     return _write(rows, out_dir, record)
 
 
-def transfer_images(prior: GPTPrior, tokenizer: VQGAN, images: torch.Tensor, target_class: int, out_dir: str | Path,
+def transfer_images(prior: CodePrior, tokenizer: VQGAN, images: torch.Tensor, target_class: int, out_dir: str | Path,
                     *, resample_fractions: Sequence[float] = (0.5,), mask: torch.Tensor | None = None,
                     order: str = "raster", samples: int = 1, **options) -> dict:
     """Class transfer: per image, one result per resample fraction (or for `mask`) x `samples`."""
@@ -152,7 +153,7 @@ def transfer_images(prior: GPTPrior, tokenizer: VQGAN, images: torch.Tensor, tar
     return _write(rows, out_dir, record)
 
 
-def mix_images(prior: GPTPrior, tokenizer: VQGAN, image_a: torch.Tensor, image_b: torch.Tensor, region: torch.Tensor,
+def mix_images(prior: CodePrior, tokenizer: VQGAN, image_a: torch.Tensor, image_b: torch.Tensor, region: torch.Tensor,
                out_dir: str | Path, *, samples: int = 1, seam_rounds: int = 1, labels: torch.Tensor | None = None,
                **options) -> dict:
     """Region (h, w) of b's codes pasted into a's, the seam band resampled `seam_rounds` times."""
@@ -187,7 +188,7 @@ def interpolate_images(tokenizer: VQGAN, image_a: torch.Tensor, image_b: torch.T
     return _write([[image_a.cpu(), *decoded, image_b.cpu()]], out_dir, record)
 
 
-def extend_images(prior: GPTPrior, tokenizer: VQGAN, size: tuple[int, int], out_dir: str | Path, *, n: int = 4,
+def extend_images(prior: CodePrior, tokenizer: VQGAN, size: tuple[int, int], out_dir: str | Path, *, n: int = 4,
                   labels: torch.Tensor | None = None, image: torch.Tensor | None = None, progress: bool = True,
                   **options) -> dict:
     """Images of `size` (H, W) pixels beyond the trained size by sliding-window sampling; with

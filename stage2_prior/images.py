@@ -14,14 +14,15 @@ from tqdm.auto import tqdm
 
 from common import atomic_write_json
 from stage1_tokenizer import VQGAN
-from stage2_prior.model import GPTPrior
+from stage2_prior.load import load_prior
+from stage2_prior.model import CodePrior
 from stage2_prior.sample import generate
 
 
-def load_pair(prior_dir: str | Path, tokenizer_dir: str | Path, device: str = "cpu") -> tuple[GPTPrior, VQGAN]:
-    """Load a tokenizer and the prior trained on its codes; a mismatched pair is a PriorLoadError."""
+def load_pair(prior_dir: str | Path, tokenizer_dir: str | Path, device: str = "cpu") -> tuple[CodePrior, VQGAN]:
+    """Load a tokenizer and the prior (either type) trained on its codes; a mismatched pair is a PriorLoadError."""
     tokenizer = VQGAN.from_pretrained(tokenizer_dir, device=device)
-    prior = GPTPrior.from_pretrained(prior_dir, tokenizer_hash=tokenizer.content_hash(), device=device)
+    prior = load_prior(prior_dir, tokenizer_hash=tokenizer.content_hash(), device=device)
     return prior.eval(), tokenizer
 
 
@@ -38,13 +39,24 @@ def write_images(images: torch.Tensor, out_dir: Path, names: Sequence[str], grid
     save_image(make_grid(to_unit(images), nrow=nrow, padding=2, pad_value=1.0), out_dir / grid_name)
 
 
-def sample_images(prior: GPTPrior, tokenizer: VQGAN, out_dir: str | Path, *, classes: Sequence[int] | None = None,
+def decoding_record(prior: CodePrior, steps: int | None, choice_temperature: float | None) -> dict:
+    """The prior type, and for a masked prior its decoding options (defaults filled in), for JSON records."""
+    if prior.prior_type != "masked":
+        return {"prior_type": prior.prior_type}
+    from stage2_prior.masked_sample import DEFAULT_CHOICE_TEMPERATURE, DEFAULT_STEPS
+    return {"prior_type": "masked", "steps": DEFAULT_STEPS if steps is None else steps,
+            "choice_temperature": DEFAULT_CHOICE_TEMPERATURE if choice_temperature is None else choice_temperature}
+
+
+def sample_images(prior: CodePrior, tokenizer: VQGAN, out_dir: str | Path, *, classes: Sequence[int] | None = None,
                   n: int = 16, cfg_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, seed: int = 0, batch_size: int = 64, progress: bool = True,
-                  weights_dtype: torch.dtype | None = None) -> dict:
+                  weights_dtype: torch.dtype | None = None, steps: int | None = None,
+                  choice_temperature: float | None = None) -> dict:
     """Sample `n` images per class in `classes` (or `n` unconditional ones), in batches, decode and
     write OUT/NNNNNN.png, OUT/grid.png (one row per class) and OUT/samples.json. `weights_dtype`
-    (torch.bfloat16) samples with bf16 copies of the prior's weights (see `generate`)."""
+    (torch.bfloat16) samples with bf16 copies of the prior's weights (see `generate`); `steps` and
+    `choice_temperature` are a masked prior's decoding options."""
     out_dir = Path(out_dir)
     labels = None
     if classes:
@@ -58,13 +70,14 @@ def sample_images(prior: GPTPrior, tokenizer: VQGAN, out_dir: str | Path, *, cla
         batch_labels = labels[start:start + count].to(device) if labels is not None else None
         codes = generate(prior, count if batch_labels is None else None, labels=batch_labels, cfg_scale=cfg_scale,
                          temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                         weights_dtype=weights_dtype)
+                         weights_dtype=weights_dtype, steps=steps, choice_temperature=choice_temperature)
         images.append(tokenizer.decode(codes).cpu())
     images = torch.cat(images)
     write_images(images, out_dir, [f"{i:06d}" for i in range(total)], nrow=n if classes else 8)
     record = {"n": total, "classes": list(classes) if classes else None, "per_class": n if classes else None,
               "cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
-              "weights_dtype": str(weights_dtype or "model"), "tokenizer_hash": tokenizer.content_hash()}
+              "weights_dtype": str(weights_dtype or "model"), "tokenizer_hash": tokenizer.content_hash(),
+              **decoding_record(prior, steps, choice_temperature)}
     atomic_write_json(out_dir / "samples.json", record)
     return record
 
@@ -83,10 +96,11 @@ def box_to_keep_mask(box: tuple[int, int, int, int], image_size: tuple[int, int]
     return keep
 
 
-def complete_images(prior: GPTPrior, tokenizer: VQGAN, images: torch.Tensor, keep: torch.Tensor, out_dir: str | Path,
+def complete_images(prior: CodePrior, tokenizer: VQGAN, images: torch.Tensor, keep: torch.Tensor, out_dir: str | Path,
                     *, labels: torch.Tensor | None = None, samples: int = 4, cfg_scale: float = 1.0,
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                    seed: int = 0, weights_dtype: torch.dtype | None = None) -> dict:
+                    seed: int = 0, weights_dtype: torch.dtype | None = None, steps: int | None = None,
+                    choice_temperature: float | None = None) -> dict:
     """Encode `images` (B, 3, H, W), keep the codes where `keep` (h, w) is True, sample the rest
     `samples` times each (taming's completion), decode; writes one grid row per image:
     input, its reconstruction with the regenerated region greyed out, then the completions."""
@@ -109,7 +123,8 @@ def complete_images(prior: GPTPrior, tokenizer: VQGAN, images: torch.Tensor, kee
     generator = torch.Generator(device="cpu").manual_seed(seed)
     completed = generate(prior, B * samples if keep_labels is None else None, labels=keep_labels, cfg_scale=cfg_scale,
                          temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                         keep_codes=keep_codes, keep_mask=keep.to(device), weights_dtype=weights_dtype)
+                         keep_codes=keep_codes, keep_mask=keep.to(device), weights_dtype=weights_dtype,
+                         steps=steps, choice_temperature=choice_temperature)
     decoded = tokenizer.decode(completed).cpu()
     recon = tokenizer.decode(codes).cpu()
     f = tokenizer.code_factor
@@ -122,6 +137,7 @@ def complete_images(prior: GPTPrior, tokenizer: VQGAN, images: torch.Tensor, kee
                  nrow=samples + 2)
     record = {"images": B, "samples_per_image": samples, "kept_positions": int(position_keep.sum()),
               "regenerated_positions": int((~position_keep).sum()), "cfg_scale": cfg_scale, "seed": seed,
-              "kept_codes_unchanged": bool((completed[:, keep] == keep_codes[:, keep]).all())}
+              "kept_codes_unchanged": bool((completed[:, keep] == keep_codes[:, keep]).all()),
+              **decoding_record(prior, steps, choice_temperature)}
     atomic_write_json(out_dir / "completion.json", record)
     return record

@@ -7,8 +7,10 @@ flattened position-major, depth-minor into L = h*w*D tokens; a code c at depth d
 
     input   [cond, t_0, ..., t_{L-2}]  ->  targets [t_0, ..., t_{L-1}]
 
-Public API: `PriorConfig`, `GPTPrior` (`forward`, `flatten_codes` / `unflatten_tokens`,
-`save_pretrained` / `from_pretrained`, `estimate_mfu`), `PriorLoadError`, `PRIOR_SIZES`.
+Public API: `PriorConfig`, `CodePrior` (what every prior type shares: the token layout,
+`flatten_codes` / `unflatten_tokens`, `cond_tokens`, `save_pretrained` / `from_pretrained`,
+`estimate_mfu`), `GPTPrior` (the autoregressive one), `PriorLoadError`, `PRIOR_SIZES`. The masked
+(MaskGIT) prior is `stage2_prior.masked.MaskedPrior`; `stage2_prior.load_prior` loads either type.
 Sampling lives in `stage2_prior.sample.generate`.
 """
 from __future__ import annotations
@@ -36,7 +38,8 @@ MODEL_TYPE = "vqgan-prior"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-PRIOR_TYPES = ("ar",)          # "masked" (MaskGIT) comes later
+PRIOR_TYPES = ("ar", "masked")  # autoregressive GPT | MaskGIT-style masked-token prior
+MASK_SCHEDULES = ("cosine", "linear", "square")
 POSITIONS = ("rotary", "learned")
 
 # LlamaGen's GPT sizes (autoregressive/models/gpt.py), for `PriorConfig(**PRIOR_SIZES["GPT-B"], ...)`
@@ -49,7 +52,7 @@ PRIOR_SIZES = {
 
 @dataclass
 class PriorConfig:
-    prior_type: str = "ar"                  # "ar" only for now; a masked prior comes later
+    prior_type: str = "ar"                  # "ar" (GPTPrior) | "masked" (MaskedPrior, MaskGIT)
     vocab_sizes: tuple[int, ...] = (1024,)  # vocabulary of each code level (from the tokenizer)
     code_shape: tuple[int, ...] = (16, 16)  # (h, w) or (h, w, D): D codes per position
     num_classes: int = 0                    # 0 = unconditional
@@ -58,13 +61,21 @@ class PriorConfig:
     depth: int = 8
     heads: int = 8
     dropout: float = 0.0
-    positions: str = "rotary"               # "rotary" | "learned"
+    positions: str | None = None            # "rotary" | "learned"; None: rotary for ar, learned for masked
+    mask_schedule: str = "cosine"           # masked prior: fraction still masked, in training and decoding
 
     def __post_init__(self) -> None:
         self.vocab_sizes = tuple(self.vocab_sizes)
         self.code_shape = tuple(self.code_shape)
         if self.prior_type not in PRIOR_TYPES:
             raise ValueError(f"prior_type={self.prior_type!r} is not supported; expected one of {list(PRIOR_TYPES)}")
+        if self.mask_schedule not in MASK_SCHEDULES:
+            raise ValueError(f"mask_schedule={self.mask_schedule!r} is not supported; "
+                             f"expected one of {list(MASK_SCHEDULES)}")
+        if self.positions is None:
+            # a bidirectional model needs to know where each [MASK] is: with rotary positions alone the
+            # masked prior learns several times slower (MaskGIT uses learned absolute positions)
+            self.positions = "learned" if self.prior_type == "masked" else "rotary"
         if self.positions not in POSITIONS:
             raise ValueError(f"positions={self.positions!r} is not supported; expected one of {list(POSITIONS)}")
         if len(self.code_shape) not in (2, 3) or any(int(s) < 1 for s in self.code_shape):
@@ -125,25 +136,24 @@ def _check_class_names(names: object, num_classes: int, error: type[Exception], 
                     f"(one per class id), got {names!r}")
 
 
-class GPTPrior(nn.Module):
+class CodePrior(nn.Module):
+    """What every prior type shares: the token layout (codes with level offsets, class tokens, the null
+    token), level masking, the condition tokens, size/MFU estimates and the checkpoint format.
+    Subclasses set PRIOR_TYPE, build `self.transformer` (an x-transformers `TransformerWrapper`) and
+    define `forward(codes, labels) -> (logits, loss)`."""
+
+    PRIOR_TYPE = ""
+
     def __init__(self, config: PriorConfig):
         super().__init__()
+        if config.prior_type != self.PRIOR_TYPE:
+            raise ValueError(f"{type(self).__name__} builds prior_type={self.PRIOR_TYPE!r} priors, got a config "
+                             f"with prior_type={config.prior_type!r}; use stage2_prior.build_prior(config)")
         self.config = config
         self.tokenizer_hash: str = ""             # set by from_pretrained
         self.tokenizer_config: dict | None = None
         self.class_names: list[str] | None = None  # names of class ids 0..num_classes-1, when the data had them
         V, L, D = config.vocab_size, config.seq_len, config.code_depth
-        rotary = config.positions == "rotary"
-        self.transformer = TransformerWrapper(
-            num_tokens=V + config.num_classes + 1,   # codes, classes, null
-            max_seq_len=L,
-            logits_dim=V,                            # only code tokens are ever predicted
-            use_abs_pos_emb=not rotary,
-            emb_dropout=config.dropout,
-            attn_layers=Decoder(dim=config.dim, depth=config.depth, heads=config.heads,
-                                attn_dim_head=config.dim // config.heads, attn_flash=True, rotary_pos_emb=rotary,
-                                attn_dropout=config.dropout, ff_dropout=config.dropout, verbose=False),
-        )
         # token id offset and allowed-token row of each depth; position p has depth p % D
         shared = len(config.vocab_sizes) == 1
         offsets = [0] * D if shared else [sum(config.vocab_sizes[:d]) for d in range(D)]
@@ -155,11 +165,26 @@ class GPTPrior(nn.Module):
         self.register_buffer("level_allowed", allowed, persistent=False)                        # (D, V)
         self.register_buffer("position_depth", torch.arange(L) % D, persistent=False)           # (L,)
         self.has_level_mask = not shared  # separate vocabularies: mask other levels' logits
+
+    def _transformer(self, layers: type, num_tokens: int, max_seq_len: int) -> TransformerWrapper:
+        """The x-transformers model of a subclass: `layers` (Decoder or Encoder) of the config's size;
+        logits over the code tokens only (classes, null and [MASK] are never predicted)."""
+        c = self.config
+        rotary = c.positions == "rotary"
+        return TransformerWrapper(
+            num_tokens=num_tokens, max_seq_len=max_seq_len, logits_dim=c.vocab_size,
+            use_abs_pos_emb=not rotary, emb_dropout=c.dropout,
+            attn_layers=layers(dim=c.dim, depth=c.depth, heads=c.heads, attn_dim_head=c.dim // c.heads,
+                               attn_flash=True, rotary_pos_emb=rotary, attn_dropout=c.dropout,
+                               ff_dropout=c.dropout, verbose=False))
+
+    def _init_transformer(self) -> None:
+        """nanoGPT init for the transformer the subclass built."""
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("to_out.weight") or name.endswith("ff.2.weight"):
                 # GPT-2 / nanoGPT: scale residual projections by 1/sqrt(2 * n_layer)
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.depth))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.depth))
 
     def _init_weights(self, module: nn.Module) -> None:
         # nanoGPT init; x-transformers' defaults are PyTorch's kaiming-uniform Linear and a kaiming-normal
@@ -231,32 +256,20 @@ class GPTPrior(nn.Module):
                              f"got range [{int(labels.min())}, {int(labels.max())}]")
         return labels.long() + config.vocab_size
 
+    def drop_labels(self, cond: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Training-time label dropout (LlamaGen): condition tokens replaced by the null token with
+        probability class_dropout, so the model also learns p(codes), which guidance needs."""
+        if self.training and labels is not None and self.config.class_dropout > 0:
+            drop = torch.rand(cond.shape[0], device=cond.device) < self.config.class_dropout
+            cond = cond.masked_fill(drop, self.config.null_token)
+        return cond
+
     def mask_logits(self, logits: torch.Tensor, positions: slice | int = slice(None)) -> torch.Tensor:
         """Set the logits of other levels' tokens to -inf; logits (B, n, V) for sequence `positions`."""
         if not self.has_level_mask:
             return logits
         allowed = self.level_allowed[self.position_depth[positions]]  # (n, V) or (V,)
         return logits.masked_fill(~allowed, float("-inf"))
-
-    # ---- forward ------------------------------------------------------------------------------
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """codes (B, *code_shape) or (B, L), labels (B,) or None -> (logits (B, L, V), mean cross-entropy)."""
-        tokens = self.flatten_codes(codes)                           # (B, L)
-        B = tokens.shape[0]
-        cond = self.cond_tokens(labels, B)                           # (B,)
-        if self.training and labels is not None and self.config.class_dropout > 0:
-            # LlamaGen label dropout: the model also learns p(codes), needed for classifier-free guidance
-            drop = torch.rand(B, device=cond.device) < self.config.class_dropout
-            cond = cond.masked_fill(drop, self.config.null_token)
-        inputs = torch.cat([cond[:, None], tokens[:, :-1]], dim=1)  # (B, L)
-        logits = self.mask_logits(self.transformer(inputs))         # (B, L, V)
-        loss = F.cross_entropy(rearrange(logits, "b l v -> (b l) v").float(), tokens.reshape(-1))
-        return logits, loss
-
-    def forward_tokens(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Raw logits (B, n, V) for input token ids (B, n), condition token first; the full forward pass
-        (the cached sampler is `kv_cache.StaticKVDecoder`)."""
-        return self.transformer(inputs)
 
     # ---- size and speed -----------------------------------------------------------------------
     def num_parameters(self, non_embedding: bool = False) -> int:
@@ -302,7 +315,7 @@ class GPTPrior(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, tokenizer_hash: str | None = None,
-                        device: str | torch.device = "cpu") -> "GPTPrior":
+                        device: str | torch.device = "cpu") -> "CodePrior":
         """Load a directory written by `save_pretrained`; every mismatch is a PriorLoadError.
 
         With `tokenizer_hash`, also check that the prior was trained on that tokenizer's codes."""
@@ -330,6 +343,10 @@ class GPTPrior(nn.Module):
             config = config_from_dict(PriorConfig, meta["config"], where=f"{config_path}:config")
         except ConfigError as e:
             raise PriorLoadError(str(e)) from e
+        if config.prior_type != cls.PRIOR_TYPE:
+            raise PriorLoadError(f"{config_path}: this is a prior_type={config.prior_type!r} prior, which "
+                                 f"{cls.__name__} cannot load (it reads prior_type={cls.PRIOR_TYPE!r}); load it "
+                                 f"with stage2_prior.load_prior, which picks the class from the checkpoint")
         class_names = meta.get("class_names")
         _check_class_names(class_names, config.num_classes, PriorLoadError, f"{config_path}: 'class_names'")
         model = cls(config)
@@ -337,3 +354,31 @@ class GPTPrior(nn.Module):
         model.tokenizer_hash, model.tokenizer_config = recorded, tokenizer_config
         model.class_names = list(class_names) if class_names is not None else None
         return model.to(device).eval()
+
+
+class GPTPrior(CodePrior):
+    """The autoregressive prior: a causal x-transformers `Decoder`, condition token first."""
+
+    PRIOR_TYPE = "ar"
+
+    def __init__(self, config: PriorConfig):
+        super().__init__(config)
+        # codes, classes, null; the condition token replaces the last code at the input
+        self.transformer = self._transformer(Decoder, config.vocab_size + config.num_classes + 1, config.seq_len)
+        self._init_transformer()
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """codes (B, *code_shape) or (B, L), labels (B,) or None -> (logits (B, L, V), mean cross-entropy)."""
+        tokens = self.flatten_codes(codes)                           # (B, L)
+        B = tokens.shape[0]
+        cond = self.drop_labels(self.cond_tokens(labels, B), labels)  # (B,)
+        inputs = torch.cat([cond[:, None], tokens[:, :-1]], dim=1)  # (B, L)
+        logits = self.mask_logits(self.transformer(inputs))         # (B, L, V)
+        loss = F.cross_entropy(rearrange(logits, "b l v -> (b l) v").float(), tokens.reshape(-1))
+        return logits, loss
+
+    def forward_tokens(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Raw logits (B, n, V) for input token ids (B, n), condition token first; the full forward pass
+        (the cached sampler is `kv_cache.StaticKVDecoder`)."""
+        return self.transformer(inputs)

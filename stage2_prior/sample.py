@@ -1,9 +1,13 @@
-"""Batched sampling from a `GPTPrior` with a static key/value cache (LlamaGen's `generate`).
+"""Batched sampling from a prior: `generate` takes either prior type.
 
+Autoregressive (`GPTPrior`): LlamaGen's `generate` with a static key/value cache.
 One token per step for the whole batch; the cache (`kv_cache.StaticKVDecoder`) makes a step cost
 O(position) instead of recomputing the prefix (taming's default `sample` path). `use_cache=False`
 recomputes the prefix every step with x-transformers' full forward and draws the same random
 numbers, so it is a reference for tests, not for use.
+
+Masked (`masked.MaskedPrior`): MaskGIT's iterative parallel decoding in `steps` forward passes
+(`masked_sample.decode_masked`).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from stage2_prior.kv_cache import StaticKVDecoder
-from stage2_prior.model import GPTPrior
+from stage2_prior.model import CodePrior, GPTPrior
 
 
 def _check_options(prior: GPTPrior, cfg_scale: float, temperature: float, top_k: int | None,
@@ -81,18 +85,15 @@ def _uniforms(shape: torch.Size, generator: Generators, device: torch.device) ->
     return torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32)
 
 
-def _sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                   generator: Generators) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,): temperature, then top-k, then top-p, then one Gumbel-max draw.
+def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None,
+                   top_p: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits (..., V) -> (logits / temperature over the candidates kept by top-k then top-p (-inf for
+    the dropped), candidate vocabulary ids (..., k) or None when all of V stay). temperature > 0.
 
     With top-k the rest works on the k kept candidates only (the k largest; ties at the k-th value are
-    broken by `torch.topk`), so the sort for top-p and the random draw cost O(k) instead of O(V).
-    `generator` may be a list of B generators, one per row.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+    broken by `torch.topk`), so the sort for top-p and the random draw cost O(k) instead of O(V)."""
     logits = logits / temperature
-    candidates = None                                              # (B, k) vocabulary ids, or all of V
+    candidates = None                                              # (..., k) vocabulary ids, or all of V
     if top_k is not None and top_k < logits.shape[-1]:
         logits, candidates = torch.topk(logits, top_k, dim=-1)     # sorted, largest first
     if top_p is not None and top_p < 1.0:
@@ -101,6 +102,16 @@ def _sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, 
         probs = logits.softmax(dim=-1)
         # drop a token once the mass before it already reaches top_p; the most likely token always stays
         logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
+    return logits, candidates
+
+
+def _sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                   generator: Generators) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,): temperature, then top-k, then top-p (`_filter_logits`), then one
+    Gumbel-max draw per row. `generator` may be a list of B generators, one per row."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits, candidates = _filter_logits(logits, temperature, top_k, top_p)
     # Gumbel-max (argmax of logits + Gumbel noise) is an exact categorical sample that draws a
     # fixed-shape tensor per step, so the cached and uncached paths consume the generator alike
     uniform = _uniforms(logits.shape, generator, logits.device)
@@ -137,12 +148,12 @@ def _decoder_for(prior: GPTPrior, batch_size: int, weights_dtype: torch.dtype | 
 class _Progress:
     """A minimal progress line on stderr (tqdm when installed)."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.bar, self.total, self.done, self.enabled = None, total, 0, enabled
+    def __init__(self, total: int, enabled: bool, unit: str = "tok"):
+        self.bar, self.total, self.done, self.enabled, self.unit = None, total, 0, enabled, unit
         if enabled:
             try:
                 from tqdm.auto import tqdm
-                self.bar = tqdm(total=total, desc="sampling", unit="tok")
+                self.bar = tqdm(total=total, desc="sampling", unit=unit)
             except ImportError:
                 pass
 
@@ -151,7 +162,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(1)
         elif self.enabled and (self.done == self.total or self.done % max(1, self.total // 10) == 0):
-            print(f"sampling: {self.done}/{self.total} tokens", file=sys.stderr, flush=True)
+            print(f"sampling: {self.done}/{self.total} {self.unit}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -159,13 +170,14 @@ class _Progress:
 
 
 @torch.no_grad()
-def generate(prior: GPTPrior, n: int | None = None, *, labels: torch.Tensor | None = None, cfg_scale: float = 1.0,
+def generate(prior: CodePrior, n: int | None = None, *, labels: torch.Tensor | None = None, cfg_scale: float = 1.0,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              generator: Generators = None, seed: int | None = None,
              keep_codes: torch.Tensor | None = None, keep_mask: torch.Tensor | None = None,
              use_cache: bool = True, weights_dtype: torch.dtype | None = None,
-             progress: bool = False, on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Sample codes (B, *code_shape) from an autoregressive prior, B = n or len(labels).
+             progress: bool = False, on_step: Callable[[int, torch.Tensor], None] | None = None,
+             steps: int | None = None, choice_temperature: float | None = None) -> torch.Tensor:
+    """Sample codes (B, *code_shape) from a prior of either type, B = n or len(labels).
 
     labels (B,) class ids (None = unconditional); cfg_scale != 1 applies classifier-free guidance,
     logits = uncond + s * (cond - uncond), with the conditional and null-class rows in one doubled
@@ -173,19 +185,34 @@ def generate(prior: GPTPrior, n: int | None = None, *, labels: torch.Tensor | No
     Completion / editing: where keep_mask ((L,), code_shape, (B, L) or (B, *code_shape), bool) is
     True the token is forced to keep_codes (B, *code_shape) instead of sampled. The prior is
     autoregressive, so a sampled position sees only the kept codes before it in raster order, never
-    those after it. `seed` (or `generator`) makes the result reproducible; a list of B generators gives
+    those after it; a masked prior sees every kept code. `seed` (or `generator`) makes the result reproducible; a list of B generators gives
     each row its own random numbers, so a row's sample does not depend on the other rows' generators.
     `weights_dtype` (e.g. torch.bfloat16, cached path only) samples with reduced-precision copies of the
-    weights. `on_step(t, tokens)` is called once position t is final, with the token ids (B, L) so far
-    (`prior.unflatten_tokens` turns them into codes; positions after t are not sampled yet).
+    weights (a masked prior runs its passes under autocast to that dtype). `on_step(t, tokens)` is
+    called once position t is final, with the token ids (B, L) so far (`prior.unflatten_tokens` turns
+    them into codes; positions after t are not sampled yet); for a masked prior, after decoding step
+    t, with `prior.mask_token` where a position is not decoded yet.
+    Masked priors only: `steps` (T, default 8) forward passes, `choice_temperature` (default 4.5) the
+    confidence noise at the first step, annealed linearly to 0; `use_cache` does not apply.
     """
     config = prior.config
-    if prior.prior_type != "ar":
-        raise ValueError(f"generate samples autoregressive priors; this prior has prior_type={prior.prior_type!r}")
+    masked = prior.prior_type == "masked"
+    if not masked and (steps is not None or choice_temperature is not None):
+        raise ValueError("steps and choice_temperature apply to masked priors; this prior is autoregressive "
+                         "(prior_type='ar'), which samples one token per step")
+    if masked:
+        from stage2_prior.masked_sample import DEFAULT_CHOICE_TEMPERATURE, DEFAULT_STEPS  # imports this module
+        steps = DEFAULT_STEPS if steps is None else steps
+        choice_temperature = DEFAULT_CHOICE_TEMPERATURE if choice_temperature is None else choice_temperature
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer (decoding passes), got {steps!r}")
+        if isinstance(choice_temperature, bool) or not isinstance(choice_temperature, (int, float)) \
+                or not math.isfinite(choice_temperature) or choice_temperature < 0:
+            raise ValueError(f"choice_temperature must be a finite number >= 0, got {choice_temperature!r}")
     _check_options(prior, cfg_scale, temperature, top_k, top_p)
     if generator is not None and seed is not None:
         raise ValueError("pass generator or seed, not both")
-    if weights_dtype is not None and not use_cache:
+    if weights_dtype is not None and not use_cache and not masked:
         raise ValueError("weights_dtype applies to the cached sampler; the uncached reference runs the model as is")
     device = prior.level_offsets.device
     if seed is not None:
@@ -215,6 +242,18 @@ def generate(prior: GPTPrior, n: int | None = None, *, labels: torch.Tensor | No
     free_steps = (~keep).any(dim=0).tolist()                                 # hoisted: any row sampled at t?
     if not any(free_steps):
         raise ValueError("keep_mask keeps every position: there is nothing to sample")
+    if masked:
+        from stage2_prior.masked_sample import decode_masked
+        was_training = prior.training
+        prior.eval()
+        try:
+            tokens = decode_masked(prior, cond, keep, forced, cfg_scale=cfg_scale, guided=guided, steps=steps,
+                                   choice_temperature=choice_temperature, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, generator=generator, weights_dtype=weights_dtype,
+                                   progress=progress, on_step=on_step)
+        finally:
+            prior.train(was_training)
+        return prior.unflatten_tokens(tokens)
     start = free_steps.index(True)                                           # leading positions all kept
     tokens = forced.clone()                                                  # (B, L), filled in place
     level_masked, editing = prior.has_level_mask, keep_mask is not None

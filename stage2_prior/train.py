@@ -39,7 +39,8 @@ from common.config import require_positive
 from data import ResumableLoader
 from data.codes import CodeDataset
 from stage1_tokenizer import VQGAN
-from stage2_prior.model import GPTPrior, PriorConfig
+from stage2_prior.load import build_prior
+from stage2_prior.model import CodePrior, PriorConfig
 from stage2_prior.sample import generate
 
 SAMPLE_COLUMNS = 8
@@ -154,8 +155,8 @@ def train(cfg: PriorRunConfig, resume: str | None = None) -> dict:
     if tokenizer is not None:  # only the main process draws sample grids
         tokenizer = tokenizer.to(accelerator.device).eval() if accelerator.is_main_process else None
 
-    model = GPTPrior(cfg.model)
-    accelerator.print(f"prior: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.model.seq_len} tokens per item, "
+    model = build_prior(cfg.model)
+    accelerator.print(f"{cfg.model.prior_type} prior: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.model.seq_len} tokens per item, "
                       f"{len(dataset)} items in {dc.codes}")
     ema = None
     if tc.ema_decay > 0:
@@ -269,7 +270,7 @@ def train(cfg: PriorRunConfig, resume: str | None = None) -> dict:
 
 
 @torch.no_grad()
-def save_sample_grid(prior: GPTPrior, tokenizer: VQGAN, path: Path, *, num_classes: int, cfg_scale: float,
+def save_sample_grid(prior: CodePrior, tokenizer: VQGAN, path: Path, *, num_classes: int, cfg_scale: float,
                      seed: int, autocast=nullcontext) -> None:
     """Sample codes with a fixed seed and save them decoded as a PNG grid: one row per class (the
     first 10), or 4 rows unconditionally. The global RNG state is left untouched."""

@@ -69,6 +69,20 @@ def tiny_stage2(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_masked(tiny_stage2: Path) -> Path:
+    """A class-conditional masked (MaskGIT) prior trained 3 steps on tiny_stage2's codes: the prior directory
+    (its tokenizer is tiny_stage2 / "tokenizer")."""
+    from vqgan.cli import main
+
+    out = tiny_stage2 / "masked_run"
+    code = main(["train-prior", "--config", str(REPO / "configs/tiny.yaml"), *TINY_PRIOR, "train.steps=3",
+                 "model.prior_type=masked", f"train.out_dir={out}", f"data.codes={tiny_stage2 / 'codes'}",
+                 f"data.tokenizer={tiny_stage2 / 'tokenizer'}"])
+    assert code == 0
+    return out / "prior"
+
+
 @contextmanager
 def live_server(prior: Path, tokenizer: Path, api_key: str) -> Iterator[str]:
     """`python -m vqgan serve` on a free loopback port with an API key; yields its URL once /health

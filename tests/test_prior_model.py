@@ -296,7 +296,11 @@ def test_model_errors():
     with pytest.raises(ValueError, match="shape"):
         prior(codes[:, :2])
     with pytest.raises(ValueError, match="prior_type"):
-        PriorConfig(prior_type="masked")
+        PriorConfig(prior_type="diffusion")
+    with pytest.raises(ValueError, match="prior_type='masked'.*build_prior"):
+        GPTPrior(PriorConfig(prior_type="masked"))
+    with pytest.raises(ValueError, match="mask_schedule"):
+        PriorConfig(mask_schedule="exp")
     with pytest.raises(ValueError, match="vocab_sizes"):
         PriorConfig(code_shape=(4, 4, 2), vocab_sizes=(16, 8, 4))
     with pytest.raises(ValueError, match="positions"):

@@ -129,3 +129,16 @@ def test_run_config_errors(micro, capsys):
     assert cfg.prior.data.codes == str(out / "codes") and cfg.tokenizer.train.out_dir == str(out / "stage1")
     assert main(["run", "--config", str(config), "--out", str(out), "tokenizer.model.ch=x"]) == 2
     assert "model.ch" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_with_a_masked_prior(micro):
+    config, out = micro
+    assert main(["run", "--config", str(config), "--out", str(out), "--device", "cpu",
+                 "prior.model.prior_type=masked", "eval.decode_steps=4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    saved = json.loads((out / "stage2" / "prior" / "config.json").read_text())
+    assert saved["config"]["prior_type"] == "masked" and saved["config"]["positions"] == "learned"
+    assert report["sampling"]["prior_type"] == "masked" and report["sampling"]["steps"] == 4
+    assert report["samples"]["num_samples"] == 12 and len(list((out / "samples").glob("*.png"))) == 12
+    assert "Masked prior, 4 decoding steps." in (out / "report.md").read_text()

@@ -104,7 +104,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         record = sample_images(prior, tokenizer, args.out, classes=_int_list(args.classes), n=args.n,
                                cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
                                top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-                               weights_dtype=_weights_dtype(args))
+                               weights_dtype=_weights_dtype(args), **_decoding(args))
     except ValueError as e:  # sampling options that do not fit this prior (class range, guidance, ...)
         raise ConfigError(str(e)) from e
     print(f"{record['n']} samples written to {args.out} (grid: {Path(args.out) / 'grid.png'})")
@@ -141,7 +141,8 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     try:
         record = complete_images(prior, tokenizer, images, keep, args.out, labels=labels, samples=args.samples,
                                  cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, seed=args.seed, weights_dtype=_weights_dtype(args))
+                                 top_p=args.top_p, seed=args.seed, weights_dtype=_weights_dtype(args),
+                                 **_decoding(args))
     except ValueError as e:  # a box, class or guidance that does not fit this prior
         raise ConfigError(str(e)) from e
     print(f"completed {record['images']} image(s) x {record['samples_per_image']} samples, regenerating "
@@ -173,6 +174,20 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=["model", "bf16"], default="model",
                    help="bf16: sample with bf16 copies of the prior's weights (about 1.3-1.5x faster on CPUs "
                         "with AVX-512 bf16; tokens can differ from the model's own precision)")
+    add_decoding_options(p)
+
+
+def add_decoding_options(p: argparse.ArgumentParser) -> None:
+    """--steps / --choice-temperature: a masked prior's decoding options (an error for autoregressive priors)."""
+    p.add_argument("--steps", type=int, default=None,
+                   help="masked priors: parallel decoding passes T (default 8); autoregressive priors take one "
+                        "pass per code")
+    p.add_argument("--choice-temperature", type=float, default=None,
+                   help="masked priors: confidence noise at the first step, annealed to 0 (default 4.5)")
+
+
+def _decoding(args: argparse.Namespace) -> dict:
+    return {"steps": args.steps, "choice_temperature": args.choice_temperature}
 
 
 def _weights_dtype(args: argparse.Namespace):
@@ -244,10 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.set_defaults(func=_cmd_encode)
 
-    p = sub.add_parser("train-prior", help="train the stage-2 GPT prior on code shards",
-                       description="Train the autoregressive prior on the code shards written by `vqgan encode`. "
-                                   "Writes checkpoints, logs, sample grids and OUT/prior (safetensors).",
+    p = sub.add_parser("train-prior", help="train a stage-2 prior (autoregressive or masked) on code shards",
+                       description="Train a prior on the code shards written by `vqgan encode`: the autoregressive "
+                                   "GPT (model.prior_type=ar, the default) or the masked MaskGIT-style prior "
+                                   "(model.prior_type=masked). Writes checkpoints, logs, sample grids and "
+                                   "OUT/prior (safetensors).",
                        epilog="example: vqgan train-prior --config configs/tiny.yaml train.steps=500\n"
+                              "         vqgan train-prior --config configs/tiny.yaml model.prior_type=masked\n"
                               + EPILOG_OVERRIDES.replace("model.quantizer.codebook_size=512 loss.perceptual_weight=0",
                                                          "model.depth=4 data.conditional=false"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -257,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train_prior)
 
     p = sub.add_parser("sample", help="sample images from a prior + tokenizer",
-                       description="Sample codes with the KV-cached sampler and decode them. With --classes, "
+                       description="Sample codes (autoregressive priors: KV-cached, one code per pass; masked "
+                                   "priors: --steps parallel passes) and decode them. With --classes, "
                                    "--n images per class (one grid row per class); without, --n unconditional "
                                    "images.",
                        epilog="example: vqgan sample --prior runs/tiny/stage2/prior --tokenizer runs/tiny/stage1/tokenizer "
@@ -271,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("complete", help="complete images: keep some codes, sample the rest",
                        description="Encode images, keep the code positions outside a pixel box (default: keep "
                                    "the top half), sample the rest under the prior, decode. An autoregressive "
-                                   "prior conditions only on kept codes that come earlier in raster order.",
+                                   "prior conditions only on kept codes that come earlier in raster order; a "
+                                   "masked prior on all of them.",
                        epilog="example: vqgan complete --prior P --tokenizer T --images a.png b.png "
                               "--box 0,16,32,32 --out completed/")
     _add_sampling_options(p)

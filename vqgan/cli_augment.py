@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from common import ConfigError
-from vqgan.cli import _add_sampling_options, _device, _int_list, _weights_dtype
+from vqgan.cli import _add_sampling_options, _decoding, _device, _int_list, _weights_dtype
 
 DEFAULT_GUIDANCE = 2.0
 
@@ -21,7 +21,7 @@ def _cmd_augment(args: argparse.Namespace) -> int:
         result = augment(prior, tokenizer, args.out, per_class=args.per_class, classes=_int_list(args.classes),
                          cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          seed=args.seed, batch_size=args.batch_size, output_format=args.format,
-                         weights_dtype=_weights_dtype(args), prior_hash=sha256_file(args.prior / WEIGHTS_NAME))
+                         weights_dtype=_weights_dtype(args), **_decoding(args), prior_hash=sha256_file(args.prior / WEIGHTS_NAME))
     except ValueError as e:  # options that do not fit this prior, or an --out holding another run
         raise ConfigError(str(e)) from e
     manifest = result["manifest"]

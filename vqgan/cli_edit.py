@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from common import ConfigError
-from vqgan.cli import _add_sampling_options, _device, _weights_dtype
+from vqgan.cli import _add_sampling_options, _decoding, _device, _weights_dtype
 
 
 def _load_images(paths: list[str], resolution: int, option: str):
@@ -66,7 +66,7 @@ def _mask(args: argparse.Namespace, tokenizer, required: bool, what: str):
 
 def _options(args: argparse.Namespace) -> dict:
     return dict(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                seed=args.seed, weights_dtype=_weights_dtype(args))
+                seed=args.seed, weights_dtype=_weights_dtype(args), **_decoding(args))
 
 
 def _labels(args: argparse.Namespace, count: int):
@@ -141,7 +141,8 @@ def add_edit_parser(sub: argparse._SubParsersAction) -> None:
     q = edit_sub.add_parser("inpaint", help="regenerate a masked region given the rest",
                             description="Resample the masked code positions in raster order with every other code "
                                         "fixed. An autoregressive prior sees only the kept codes before a position; "
-                                        "--seam-rounds resamples a band around the mask's edge afterwards.",
+                                        "--seam-rounds resamples a band around the mask's edge afterwards. A "
+                                        "masked prior sees every kept code.",
                             epilog="example: vqgan edit inpaint --prior P --tokenizer T --images a.png --box 8,8,24,24 "
                                    "--samples 4 --out inpainted/")
     _add_sampling_options(q)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from common import ConfigError, atomic_write_json
+from vqgan.cli import add_decoding_options
 
 METRICS = ("fid", "kid", "prc", "isc")
 
@@ -34,7 +35,8 @@ def _cmd_evaluate_samples(args: argparse.Namespace) -> int:
         try:
             generated = SampleSource(prior, tokenizer, args.num_samples, batch_size=args.batch_size,
                                      cfg_scale=args.cfg if prior.config.num_classes else 1.0,
-                                     top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed)
+                                     top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed,
+                                     steps=args.steps, choice_temperature=args.choice_temperature)
         except ValueError as e:
             raise ConfigError(str(e)) from e
     else:
@@ -104,6 +106,7 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    add_decoding_options(p)
     p.add_argument("--reference", required=True, help="folder of real images or a data spec, e.g. synthetic:shapes")
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="split of a data spec")
     p.add_argument("--reference-count", type=int, default=None, help="use the first N reference images")

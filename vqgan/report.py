@@ -59,8 +59,11 @@ def render_markdown(report: dict) -> str:
     for key in ("lpips_skipped", "rfid_skipped"):
         if tok.get(key):
             lines += [f"*{key.split('_')[0].upper()} not computed:* {tok[key]}", ""]
+    prior_type = report["sampling"].get("prior_type", "ar")
+    decoding = (f"masked prior, {report['sampling'].get('steps') or 8} decoding steps" if prior_type == "masked"
+                else "autoregressive prior")
     lines += [f"![real (top) and reconstructed (bottom)]({tok.get('grid')})", "",
-              "## Prior", "",
+              "## Prior", "", f"{decoding[0].upper()}{decoding[1:]}.", "",
               "| parameters | steps | tokens seen | final loss | bits/token | training tokens/s |",
               "|---|---|---|---|---|---|",
               f"| {_fmt(prior.get('parameters'))} | {prior.get('steps')} | {_fmt(prior.get('tokens_seen'))} "
@@ -109,7 +112,8 @@ def write_report(p: Pipeline, config_path: str | None) -> dict:
         "tokenizer": records["eval_tokenizer"]["result"] | {"training": records["tokenizer"]["result"]},
         "prior": records["prior"]["result"],
         "sampling": {k: sample.get(k) for k in ("samples", "cfg_scale", "temperature", "top_k", "top_p", "seed",
-                                                "num_classes", "grid")},
+                                                "num_classes", "grid", "prior_type", "steps", "choice_temperature")
+                     if k in sample},
         "samples": records["eval_samples"]["result"],
         "stages": stage_seconds, "total_seconds": sum(stage_seconds.values()),
         "versions": library_versions(), "machine": machine(),

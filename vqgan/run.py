@@ -39,6 +39,8 @@ class EvalConfig:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    decode_steps: int | None = None         # masked priors: parallel decoding passes (None = 8)
+    choice_temperature: float | None = None  # masked priors: confidence noise (None = 4.5)
     seed: int = 0
     sample_batch_size: int = 100
     reference_split: str = "val"    # real images FID compares against (and the tokenizer is scored on)
@@ -90,9 +92,21 @@ def load_run_config(path: str | Path, out: str | Path, overrides: list[str] | No
     return RunConfig(tokenizer=tok, encode=sections["encode"], prior=prior, eval=sections["eval"])
 
 
+# options added after runs were made, with their defaults: left out of the hash while they hold them,
+# so a run made before them keeps its stages
+LATER_DEFAULTS = {"mask_schedule": "cosine", "decode_steps": None, "choice_temperature": None}
+
+
+def _without_later_defaults(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _without_later_defaults(v) for k, v in value.items()
+                if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+    return value
+
+
 def _settings_hash(*parts: object) -> str:
-    text = json.dumps([config_to_dict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts],
-                      sort_keys=True, default=str)
+    text = json.dumps([_without_later_defaults(config_to_dict(p)) if hasattr(p, "__dataclass_fields__") else p
+                       for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -121,8 +135,10 @@ class Pipeline:
 
     def _sample_settings(self) -> dict:
         e = self.cfg.eval
-        return {k: getattr(e, k) for k in ("num_samples", "cfg_scale", "temperature", "top_k", "top_p", "seed",
-                                           "sample_batch_size")}
+        settings = {k: getattr(e, k) for k in ("num_samples", "cfg_scale", "temperature", "top_k", "top_p", "seed",
+                                               "sample_batch_size")}
+        return {**settings, **{k: getattr(e, k) for k in ("decode_steps", "choice_temperature")
+                               if getattr(e, k) is not None}}
 
     # ---- stage bookkeeping ---------------------------------------------------------------------
     def record(self, name: str) -> dict | None:

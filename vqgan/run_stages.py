@@ -85,7 +85,7 @@ def stage_sample(p: Pipeline) -> dict:
         codes = generate(prior, count if labels is None else None,
                          labels=None if labels is None else labels.to(p.device),
                          cfg_scale=e.cfg_scale if num_classes else 1.0, temperature=e.temperature, top_k=e.top_k,
-                         top_p=e.top_p, seed=e.seed * 1_000_003 + b)
+                         top_p=e.top_p, seed=e.seed * 1_000_003 + b, **_decoding(e))
         for i, image in enumerate(tokenizer.decode(codes).cpu()):
             _save_png(image, out / f"{start + i:06d}.png")
     # the report's grid: one row of grid_per_class samples per class (first 10 classes)
@@ -94,15 +94,21 @@ def stage_sample(p: Pipeline) -> dict:
     codes = generate(prior, rows * e.grid_per_class if labels is None else None,
                      labels=None if labels is None else labels.to(p.device),
                      cfg_scale=e.cfg_scale if num_classes else 1.0, temperature=e.temperature, top_k=e.top_k,
-                     top_p=e.top_p, seed=e.seed + 7)
+                     top_p=e.top_p, seed=e.seed + 7, **_decoding(e))
     grid = make_grid((tokenizer.decode(codes).float().cpu().clamp(-1, 1) + 1) / 2, nrow=e.grid_per_class, padding=2,
                      pad_value=1.0)
     (p.out / GRID_DIR).mkdir(parents=True, exist_ok=True)
     save_image(grid, p.out / GRID_DIR / "samples_per_class.png")
     return {"samples": e.num_samples, "dir": str(out), "num_classes": num_classes,
             "cfg_scale": e.cfg_scale if num_classes else 1.0, "temperature": e.temperature, "top_k": e.top_k,
-            "top_p": e.top_p, "seed": e.seed,
+            "top_p": e.top_p, "seed": e.seed, "prior_type": prior.prior_type, **_decoding(e),
             "grid": f"{GRID_DIR}/samples_per_class.png"}
+
+
+def _decoding(e) -> dict:
+    """A masked prior's decoding options, when set in the eval config (None = the sampler's defaults)."""
+    return {k: v for k, v in (("steps", e.decode_steps), ("choice_temperature", e.choice_temperature))
+            if v is not None}
 
 
 def _fidelity_options(p: Pipeline) -> dict:

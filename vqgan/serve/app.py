@@ -111,8 +111,14 @@ class Server:
     def sampling(self, body: SamplingOptions, label: int | None) -> Sampling:
         if body.cfg != 1.0 and self.prior.config.num_classes == 0:
             raise unprocessable("cfg", "classifier-free guidance needs a class-conditional prior; send cfg 1")
+        if self.prior.prior_type != "masked":
+            for name in ("decode_steps", "choice_temperature"):
+                if getattr(body, name) is not None:
+                    raise unprocessable(name, f"{name} applies to masked priors; this prior is autoregressive: "
+                                              f"leave it out")
         # without a class there is nothing to guide: cfg has no effect, so such requests share batches
-        return Sampling(body.cfg if label is not None else 1.0, body.temperature, body.top_k, body.top_p)
+        return Sampling(body.cfg if label is not None else 1.0, body.temperature, body.top_k, body.top_p,
+                        body.decode_steps, body.choice_temperature)
 
     def submit(self, job: Any) -> Any:
         try:
@@ -264,7 +270,7 @@ def create_app(prior_dir: str | Path, tokenizer_dir: str | Path, settings: Serve
 
     app = FastAPI(title="vqgan serve", version="1", lifespan=lifespan,
                   description="Generate, stream, encode, decode and edit images with a VQGAN tokenizer and its "
-                              "autoregressive prior. Send the API key as `Authorization: Bearer KEY` or "
+                              "prior (autoregressive or masked). Send the API key as `Authorization: Bearer KEY` or "
                               "`X-API-Key` when the server has one.")
     app.state.server = server
 

@@ -28,7 +28,7 @@ import torch
 from stage1_tokenizer import VQGAN
 from stage2_prior.model import GPTPrior
 from stage2_prior.sample import generate
-from vqgan.serve.images import b64, grey_from_row, png_bytes
+from vqgan.serve.images import b64, grey_from_row, grey_positions, png_bytes
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class Sampling:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    steps: int | None = None                 # masked priors: decoding passes and confidence noise
+    choice_temperature: float | None = None
 
 
 @dataclass(eq=False)
@@ -45,7 +47,8 @@ class GenerateJob:
     """One request: `len(seeds)` images of class `label` (None = unconditional), image i from seed i.
 
     With `on_partial`, the worker calls it with a dict (rows, of, png, ms) every `every_rows` code
-    rows; `future` resolves to the list of PNG bytes."""
+    rows; for a masked prior (step, of, png, ms) every `every_rows` decoding steps, positions not yet
+    decoded in grey. `future` resolves to the list of PNG bytes."""
     label: int | None
     seeds: list[int]
     sampling: Sampling
@@ -212,7 +215,8 @@ class Batcher:
         with torch.inference_mode():
             codes = generate(self.prior, None if conditional else B, labels=labels, generator=generators,
                              cfg_scale=sampling.cfg_scale if conditional else 1.0, temperature=sampling.temperature,
-                             top_k=sampling.top_k, top_p=sampling.top_p, on_step=on_step)
+                             top_k=sampling.top_k, top_p=sampling.top_p, on_step=on_step, steps=sampling.steps,
+                             choice_temperature=sampling.choice_temperature)
             for r, (job, i) in enumerate(chunk):
                 job.pngs[i] = png_bytes(self.tokenizer.decode(codes[r:r + 1])[0])
         self.calls.append(len({id(job) for job, _ in chunk}))
@@ -224,6 +228,9 @@ class Batcher:
 
     def _partials(self, t: int, tokens: torch.Tensor, streaming: list[tuple[int, GenerateJob]]) -> None:
         """After each full code row: decode the rows so far for every streaming row that wants them."""
+        if self.prior.prior_type == "masked":
+            self._masked_partials(t, tokens, streaming)
+            return
         if (t + 1) % self.row_tokens:
             return
         done, h = (t + 1) // self.row_tokens, self.grid[0]
@@ -242,3 +249,32 @@ class Batcher:
                                 "ms": round(1000 * (now - job.received), 1)})
             except Exception:  # e.g. the event loop has closed: that client only, never the whole batch
                 job.gone = True
+
+    def _masked_partials(self, step: int, tokens: torch.Tensor, streaming: list[tuple[int, GenerateJob]]) -> None:
+        """After decoding step `step` of a masked prior: the decoded positions, the rest in grey."""
+        # decoding ends early when fewer positions than steps are free (all L are free here)
+        total = min(self.steps_of(streaming[0][1].sampling), self.prior.seq_len)
+        if step + 1 >= total:
+            return  # the full image comes as the final event
+        for r, job in streaming:
+            if (step + 1) % job.every_rows or job.gone:
+                continue
+            row = tokens[r:r + 1]
+            undecided = row == self.prior.mask_token                                    # (1, L)
+            placeholder = torch.where(undecided, self.prior.level_offsets[self.prior.position_depth], row)
+            image = self.tokenizer.decode(self.prior.unflatten_tokens(placeholder))[0]
+            position_undecided = undecided.reshape(1, *self.grid, -1).any(dim=-1)[0]    # (h, w)
+            picture = png_bytes(grey_positions(image, position_undecided, self.tokenizer.code_factor))
+            now = time.perf_counter()
+            if job.first_partial_s is None:
+                job.first_partial_s = now - job.received
+            try:
+                job.on_partial({"step": step + 1, "of": total, "png": b64(picture),
+                                "ms": round(1000 * (now - job.received), 1)})
+            except Exception:  # e.g. the event loop has closed: that client only, never the whole batch
+                job.gone = True
+
+    def steps_of(self, sampling: Sampling) -> int:
+        """Decoding passes of a masked prior's generate call with these options."""
+        from stage2_prior.masked_sample import DEFAULT_STEPS
+        return sampling.steps if sampling.steps is not None else DEFAULT_STEPS

@@ -71,6 +71,10 @@ def add_edit_route(router: APIRouter, server: "Server") -> None:
         order: Annotated[Literal["raster", "random", "center"], Form(description="transfer, interpolate")] = "raster",
         seam_rounds: Annotated[int | None, Form(ge=0, le=4, description="default 1 for mix, else 0")] = None,
         steps: Annotated[int, Form(ge=2, le=32, description="interpolate: frames including both ends")] = 8,
+        decode_steps: Annotated[int | None, Form(ge=1, le=256, description="masked priors: decoding passes "
+                                                                           "(default 8)")] = None,
+        choice_temperature: Annotated[float | None, Form(ge=0.0, le=100.0, description="masked priors: "
+                                                         "confidence noise (default 4.5)")] = None,
     ) -> Response:
         if n > server.max_n:
             raise unprocessable("n", f"n={n} exceeds this server's limit of {server.max_n} images per request")
@@ -88,6 +92,12 @@ def add_edit_route(router: APIRouter, server: "Server") -> None:
             pictures.append(await server.image(image_b, "image_b"))
         options = dict(cfg_scale=cfg if cfg is not None else (3.0 if operation == "transfer" else 1.0),
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        decoding = {"decode_steps": decode_steps, "choice_temperature": choice_temperature}
+        if prior.prior_type == "masked":
+            options.update(steps=decode_steps, choice_temperature=choice_temperature)
+        elif any(v is not None for v in decoding.values()):
+            name = next(k for k, v in decoding.items() if v is not None)
+            raise unprocessable(name, f"{name} applies to masked priors; this prior is autoregressive")
 
         def work() -> list[bytes]:  # on the model worker
             codes = tokenizer.encode(torch.stack(pictures).to(device))     # (1 or 2, h, w[, D])

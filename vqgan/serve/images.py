@@ -77,6 +77,12 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def grey_positions(image: torch.Tensor, positions: torch.Tensor, factor: int) -> torch.Tensor:
+    """(3, H, W): pixels of the code positions where `positions` (h, w) is True set to mid-grey."""
+    pixels = positions.repeat_interleave(factor, 0).repeat_interleave(factor, 1).to(image.device)
+    return image.masked_fill(pixels, 0.0)
+
+
 def grey_from_row(image: torch.Tensor, row: int, factor: int) -> torch.Tensor:
     """(3, H, W): pixels of code rows >= `row` set to mid-grey (0 in [-1, 1]): not sampled yet."""
     image = image.clone()

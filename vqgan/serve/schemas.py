@@ -29,6 +29,10 @@ class SamplingOptions(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="softmax temperature; 0 = greedy")
     top_k: int | None = Field(None, ge=1, le=1_000_000, description="sample among the k most likely codes")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling mass")
+    decode_steps: int | None = Field(None, ge=1, le=256, description="masked priors only: parallel decoding "
+                                                                     "passes (default 8)")
+    choice_temperature: float | None = Field(None, ge=0.0, le=100.0, description="masked priors only: "
+                                             "confidence noise at the first decoding step (default 4.5)")
 
 
 class GenerateRequest(SamplingOptions):
@@ -42,7 +46,8 @@ class GenerateRequest(SamplingOptions):
 class StreamRequest(SamplingOptions):
     class_: int | str | None = Field(None, alias="class", description="class id or name; null = unconditional")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when omitted (sent in the final event)")
-    every_rows: int = Field(1, ge=1, le=4096, description="send a partial image every k completed code rows")
+    every_rows: int = Field(1, ge=1, le=4096, description="send a partial image every k completed code rows "
+                                                          "(masked priors: every k decoding steps)")
 
 
 class GeneratedImage(BaseModel):

@@ -54,6 +54,8 @@ function sampling() {
   if (options.class !== null) options.cfg = numberField("cfg") ?? 1;  // guidance needs a class
   const topK = numberField("top-k");
   if (topK !== null) options.top_k = topK;
+  const decodeSteps = numberField("decode-steps");
+  if (decodeSteps !== null && !$("decode-steps").hidden) options.decode_steps = decodeSteps;
   const seed = numberField("seed");
   if (seed !== null) options.seed = seed;
   return options;
@@ -75,9 +77,12 @@ async function loadModels() {
     select.add(new Option(count ? "unconditional (no class)" : "unconditional", ""));
     $("cfg").disabled = count === 0;
     if (count === 0) $("cfg").value = 1;
+    const masked = info.prior.config.config.prior_type === "masked";  // parallel decoding: steps apply
+    for (const element of document.querySelectorAll(".masked-only")) element.hidden = !masked;
     const [h, w] = info.tokenizer.code_shape;
     $("model-info").textContent = `${info.image_size} px images from ${h}×${w} codes; ` +
-      (count ? `${count} classes.` : "unconditional prior.");
+      (count ? `${count} classes` : "unconditional") +
+      (masked ? ", masked prior (parallel decoding)." : ", autoregressive prior.");
   } catch (e) {
     $("model-info").textContent = "";
     showError("models-error", `${e.message}${e.message.includes("401") ? " — enter the API key above." : ""}`);
@@ -137,7 +142,8 @@ async function generate() {
       if (type === "partial") {
         picture.dataset.state = "partial";
         picture.dataset.partials = String(Number(picture.dataset.partials) + 1);
-        status.value = `Code rows ${data.rows} of ${data.of}`;
+        status.value = data.step !== undefined ? `Decoding step ${data.step} of ${data.of}`
+                                               : `Code rows ${data.rows} of ${data.of}`;
       } else if (type === "final") {
         final = data;
         break;

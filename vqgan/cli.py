@@ -307,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_augment_parser(sub)
     from vqgan.cli_edit import add_edit_parser
     add_edit_parser(sub)
+    from vqgan.cli_import import add_import_parser
+    add_import_parser(sub)
     from vqgan.serve.cli import add_serve_parser
     add_serve_parser(sub)
 

@@ -309,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit_parser(sub)
     from vqgan.cli_import import add_import_parser
     add_import_parser(sub)
+    from vqgan.cli_clip import add_clip_guide_parser
+    add_clip_guide_parser(sub)
     from vqgan.serve.cli import add_serve_parser
     add_serve_parser(sub)
 

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from common import ConfigError
+from stage1_tokenizer.import_common import read_state_dict
 from stage1_tokenizer.model import VQGAN, VQGANConfig
 from stage1_tokenizer.quantize import QuantizerConfig
 
@@ -50,24 +51,8 @@ class _LightningType:
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a Lightning `.ckpt` (its "state_dict") or of a plain `.pt` state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such checkpoint file")
-    allowed = [(_LightningType, name) for name in _LIGHTNING_TYPES]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f"it needs the Python object {found.group(1)}" if found else f"{type(e).__name__}: {str(e)[:200]}"
-        raise ConfigError(f"{path}: cannot be read safely with torch.load(weights_only=True): {what}; "
-                          f"only tensors and plain containers are loaded, arbitrary pickled objects are refused") from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise ConfigError(f"{path}: expected a Lightning checkpoint with a 'state_dict' of tensors or a plain "
-                          f"state dict (name -> tensor)")
-    return state
+    return read_state_dict(path, weights_key="state_dict", allowed=[(_LightningType, name) for name in _LIGHTNING_TYPES],
+                           what="a Lightning checkpoint")
 
 
 def config_from_yaml(path: str | Path) -> VQGANConfig:

@@ -83,6 +83,16 @@ def tiny_masked(tiny_stage2: Path) -> Path:
     return out / "prior"
 
 
+def serve_client(dirs: tuple[Path, Path], **settings):
+    """An in-process `vqgan serve` app for (prior dir, tokenizer dir) as a FastAPI TestClient; max_batch 4
+    unless `settings` say otherwise. Use it as a context manager (startup and shutdown run the worker)."""
+    from fastapi.testclient import TestClient
+
+    from vqgan.serve import ServeSettings, create_app
+
+    return TestClient(create_app(*dirs, ServeSettings(**{"max_batch": 4, **settings})))
+
+
 @contextmanager
 def live_server(prior: Path, tokenizer: Path, api_key: str) -> Iterator[str]:
     """`python -m vqgan serve` on a free loopback port with an API key; yields its URL once /health

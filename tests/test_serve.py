@@ -14,13 +14,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from stage1_tokenizer import VQGAN
-from conftest import live_server
+from conftest import live_server, serve_client
 from vqgan.cli import main
-from vqgan.serve import ServeSettings, create_app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GRID, FACTOR = 8, 2  # tiny_stage2: 16 px images, 8x8 codes of 16
@@ -31,13 +29,9 @@ def dirs(tiny_stage2) -> tuple[Path, Path]:
     return tiny_stage2 / "prior_run" / "prior", tiny_stage2 / "tokenizer"
 
 
-def _client(dirs, **settings) -> TestClient:
-    return TestClient(create_app(*dirs, ServeSettings(**{"max_batch": 4, **settings})))
-
-
 @pytest.fixture(scope="module")
 def client(dirs):
-    with _client(dirs) as c:
+    with serve_client(dirs) as c:
         yield c
 
 
@@ -133,7 +127,7 @@ def test_generate_answers_png_or_json_with_the_seeds(client):
 
 
 def test_same_seed_gives_the_same_bytes_alone_and_batched(dirs):
-    with _client(dirs, max_batch=4, max_wait_ms=50) as client:
+    with serve_client(dirs, max_batch=4, max_wait_ms=50) as client:
         batcher = client.app.state.server.batcher
         request = {"class": 1, "seed": 11, "n": 2, "temperature": 1.0}
         alone = client.post("/v1/generate", json=request).json()
@@ -162,7 +156,7 @@ def test_same_seed_gives_the_same_bytes_alone_and_batched(dirs):
 
 
 def test_full_queue_answers_503_with_retry_after(dirs):
-    with _client(dirs, max_batch=1, queue_size=1) as client:
+    with serve_client(dirs, max_batch=1, queue_size=1) as client:
         batcher = client.app.state.server.batcher
         release = threading.Event()
         batcher.call(lambda: release.wait(30))
@@ -251,7 +245,7 @@ def test_edit_operations(client):
 
 # ---- bad input ------------------------------------------------------------------------------------
 def test_bad_inputs_get_clear_errors(dirs):
-    with _client(dirs, max_upload_bytes=4096, max_pixels=32 * 32, max_n=2) as client:
+    with serve_client(dirs, max_upload_bytes=4096, max_pixels=32 * 32, max_n=2) as client:
         big = client.post("/v1/decode", json={"codes": [[0] * 4000]})
         assert big.status_code == 413 and "4096 bytes" in big.json()["detail"]
         chunked = client.post("/v1/decode", content=iter([b'{"codes": [' + b"0," * 3000, b"0]}"]),
@@ -279,7 +273,7 @@ def test_bad_inputs_get_clear_errors(dirs):
 
 
 def test_api_key_is_required_on_v1_routes_when_set(dirs):
-    with _client(dirs, api_key="s3cret") as client:
+    with serve_client(dirs, api_key="s3cret") as client:
         assert client.get("/health").status_code == 200                   # liveness stays open
         for path, kind in [("/", "text/html"), ("/static/app.js", "javascript"), ("/static/style.css", "text/css")]:
             public = client.get(path)                                      # the page needs no key; its calls do
@@ -300,7 +294,7 @@ def test_cors_is_off_unless_an_origin_is_given(client, dirs):
     assert "access-control-allow-origin" not in client.get("/v1/models", headers=origin).headers
     preflight = client.options("/v1/generate", headers={**origin, "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in preflight.headers
-    with _client(dirs, cors_origins=("http://example.com",)) as allowed:
+    with serve_client(dirs, cors_origins=("http://example.com",)) as allowed:
         assert allowed.get("/v1/models", headers=origin).headers["access-control-allow-origin"] == "http://example.com"
         elsewhere = allowed.get("/v1/models", headers={"Origin": "http://evil.test"})
         assert "access-control-allow-origin" not in elsewhere.headers

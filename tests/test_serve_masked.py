@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import serve_client
 from stage2_prior.masked_sample import DEFAULT_CHOICE_TEMPERATURE, DEFAULT_STEPS
-from vqgan.serve import ServeSettings, create_app
 from vqgan.serve.app import STATIC
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,19 +34,15 @@ def ar_dirs(tiny_stage2) -> tuple[Path, Path]:
     return tiny_stage2 / "prior_run" / "prior", tiny_stage2 / "tokenizer"
 
 
-def _client(dirs, **settings) -> TestClient:
-    return TestClient(create_app(*dirs, ServeSettings(**{"max_batch": 4, **settings})))
-
-
 @pytest.fixture(scope="module")
 def masked(masked_dirs):
-    with _client(masked_dirs) as c:
+    with serve_client(masked_dirs) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def ar(ar_dirs):
-    with _client(ar_dirs) as c:
+    with serve_client(ar_dirs) as c:
         yield c
 
 

@@ -1,4 +1,4 @@
-"""`vqgan import taming`: a taming-transformers VQGAN checkpoint as this project's tokenizer."""
+"""`vqgan import taming|llamagen`: a taming-transformers VQGAN or LlamaGen VQ checkpoint as this project's tokenizer."""
 from __future__ import annotations
 
 import argparse
@@ -20,8 +20,23 @@ def _cmd_import_taming(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_llamagen(args: argparse.Namespace) -> int:
+    from stage1_tokenizer.import_llamagen import import_llamagen
+    from stage1_tokenizer.import_taming import describe
+
+    model = import_llamagen(args.checkpoint, resolution=args.resolution,
+                            codebook_l2_norm=not args.no_codebook_l2_norm)
+    model.save_pretrained(args.out)
+    info = describe(model)
+    print(f"imported {args.checkpoint} -> {args.out}: f{info['factor']}, {info['code_grid'][0]}x"
+          f"{info['code_grid'][1]} codes at {model.config.resolution} px, codebook {info['codebook']}"
+          f"{' (l2-normalised)' if model.config.quantizer.l2_normalize else ''}, "
+          f"{info['parameters'] / 1e6:.2f}M parameters, content hash {model.content_hash()[:12]}")
+    return 0
+
+
 def add_import_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import", help="convert another project's tokenizer checkpoint (taming)",
+    p = sub.add_parser("import", help="convert another project's tokenizer checkpoint (taming, llamagen)",
                        description="Convert a tokenizer checkpoint from another code base into this project's "
                                    "save_pretrained format (config.json + model.safetensors).")
     import_sub = p.add_subparsers(dest="import_source", required=True, metavar="SOURCE")
@@ -40,3 +55,22 @@ def add_import_parser(sub: argparse._SubParsersAction) -> None:
                         "from the weights")
     p.add_argument("--out", type=Path, required=True, help="output directory for VQGAN.from_pretrained")
     p.set_defaults(func=_cmd_import_taming)
+
+    p = import_sub.add_parser(
+        "llamagen", help="a LlamaGen VQ tokenizer (FoundationVision/LlamaGen, e.g. vq_ds16_c2i.pt)",
+        description="Map a LlamaGen VQModel checkpoint (tokenizer/tokenizer_image/vq_model.py; a torch save with "
+                    "the weights under 'model', read with torch.load(weights_only=True)) onto this tokenizer; the "
+                    "shapes are inferred from the weights. The codebook usage buffer is dropped; batch norm, conv "
+                    "shortcuts, resampling without conv, differing encoder/decoder ch_mult and any key the tokenizer "
+                    "cannot express exactly are refused by name.",
+        epilog="example: vqgan import llamagen pretrained_models/vq_ds16_c2i.pt --out tokenizers/llamagen-vq16",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="LlamaGen checkpoint (.pt with a 'model' state dict)")
+    p.add_argument("--resolution", type=int, default=256,
+                   help="training resolution to record (default 256); attention stays at the lowest-resolution "
+                        "level whatever this is")
+    p.add_argument("--no-codebook-l2-norm", action="store_true",
+                   help="the checkpoint was trained with codebook_l2_norm=False (the released ones use True; the "
+                        "weights do not say)")
+    p.add_argument("--out", type=Path, required=True, help="output directory for VQGAN.from_pretrained")
+    p.set_defaults(func=_cmd_import_llamagen)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from common import atomic_write_json
 from stage1_tokenizer import VQGAN
 from stage2_prior.load import load_prior
+from stage2_prior.masked_sample import decoding_options
 from stage2_prior.model import CodePrior
 from stage2_prior.sample import generate
 
@@ -43,9 +44,8 @@ def decoding_record(prior: CodePrior, steps: int | None, choice_temperature: flo
     """The prior type, and for a masked prior its decoding options (defaults filled in), for JSON records."""
     if prior.prior_type != "masked":
         return {"prior_type": prior.prior_type}
-    from stage2_prior.masked_sample import DEFAULT_CHOICE_TEMPERATURE, DEFAULT_STEPS
-    return {"prior_type": "masked", "steps": DEFAULT_STEPS if steps is None else steps,
-            "choice_temperature": DEFAULT_CHOICE_TEMPERATURE if choice_temperature is None else choice_temperature}
+    steps, choice_temperature = decoding_options(steps, choice_temperature)
+    return {"prior_type": "masked", "steps": steps, "choice_temperature": choice_temperature}
 
 
 def sample_images(prior: CodePrior, tokenizer: VQGAN, out_dir: str | Path, *, classes: Sequence[int] | None = None,

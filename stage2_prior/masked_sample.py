@@ -10,6 +10,7 @@ kept codes are never changed. Reached through `stage2_prior.generate`, which che
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Callable
 
@@ -20,6 +21,18 @@ from stage2_prior.sample import Generators, _filter_logits, _Progress, _uniforms
 
 DEFAULT_STEPS = 8
 DEFAULT_CHOICE_TEMPERATURE = 4.5   # MaskGIT's ImageNet setting
+
+
+def decoding_options(steps: int | None, choice_temperature: float | None) -> tuple[int, float]:
+    """(steps, choice_temperature) with the defaults filled in for None, checked."""
+    steps = DEFAULT_STEPS if steps is None else steps
+    choice_temperature = DEFAULT_CHOICE_TEMPERATURE if choice_temperature is None else choice_temperature
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer (decoding passes), got {steps!r}")
+    if isinstance(choice_temperature, bool) or not isinstance(choice_temperature, (int, float)) \
+            or not math.isfinite(choice_temperature) or choice_temperature < 0:
+        raise ValueError(f"choice_temperature must be a finite number >= 0, got {choice_temperature!r}")
+    return steps, choice_temperature
 
 
 def commit_counts(free: torch.Tensor, steps: int, schedule: str) -> list[torch.Tensor]:

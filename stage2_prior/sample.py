@@ -201,14 +201,8 @@ def generate(prior: CodePrior, n: int | None = None, *, labels: torch.Tensor | N
         raise ValueError("steps and choice_temperature apply to masked priors; this prior is autoregressive "
                          "(prior_type='ar'), which samples one token per step")
     if masked:
-        from stage2_prior.masked_sample import DEFAULT_CHOICE_TEMPERATURE, DEFAULT_STEPS  # imports this module
-        steps = DEFAULT_STEPS if steps is None else steps
-        choice_temperature = DEFAULT_CHOICE_TEMPERATURE if choice_temperature is None else choice_temperature
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer (decoding passes), got {steps!r}")
-        if isinstance(choice_temperature, bool) or not isinstance(choice_temperature, (int, float)) \
-                or not math.isfinite(choice_temperature) or choice_temperature < 0:
-            raise ValueError(f"choice_temperature must be a finite number >= 0, got {choice_temperature!r}")
+        from stage2_prior.masked_sample import decoding_options  # that module imports this one
+        steps, choice_temperature = decoding_options(steps, choice_temperature)
     _check_options(prior, cfg_scale, temperature, top_k, top_p)
     if generator is not None and seed is not None:
         raise ValueError("pass generator or seed, not both")

@@ -27,6 +27,7 @@ import torch
 
 from stage1_tokenizer import VQGAN
 from stage2_prior.model import GPTPrior
+from stage2_prior.masked_sample import decoding_options
 from stage2_prior.sample import generate
 from vqgan.serve.images import b64, grey_from_row, grey_positions, png_bytes
 
@@ -276,5 +277,4 @@ class Batcher:
 
     def steps_of(self, sampling: Sampling) -> int:
         """Decoding passes of a masked prior's generate call with these options."""
-        from stage2_prior.masked_sample import DEFAULT_STEPS
-        return sampling.steps if sampling.steps is not None else DEFAULT_STEPS
+        return decoding_options(sampling.steps, sampling.choice_temperature)[0]

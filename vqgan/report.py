@@ -60,7 +60,7 @@ def render_markdown(report: dict) -> str:
         if tok.get(key):
             lines += [f"*{key.split('_')[0].upper()} not computed:* {tok[key]}", ""]
     prior_type = report["sampling"].get("prior_type", "ar")
-    decoding = (f"masked prior, {report['sampling'].get('steps') or 8} decoding steps" if prior_type == "masked"
+    decoding = (f"masked prior, {report['sampling']['steps']} decoding steps" if prior_type == "masked"
                 else "autoregressive prior")
     lines += [f"![real (top) and reconstructed (bottom)]({tok.get('grid')})", "",
               "## Prior", "", f"{decoding[0].upper()}{decoding[1:]}.", "",

@@ -61,6 +61,7 @@ def stage_sample(p: Pipeline) -> dict:
     """num_samples PNGs in OUT/samples, batch by batch; a batch is reseeded from its index, so a
     resumed run skips whole batches already written and draws the very same images afterwards."""
     from stage2_prior import generate
+    from stage2_prior.images import decoding_record
 
     e = p.cfg.eval
     prior, tokenizer = _load_pair(p)
@@ -101,7 +102,7 @@ def stage_sample(p: Pipeline) -> dict:
     save_image(grid, p.out / GRID_DIR / "samples_per_class.png")
     return {"samples": e.num_samples, "dir": str(out), "num_classes": num_classes,
             "cfg_scale": e.cfg_scale if num_classes else 1.0, "temperature": e.temperature, "top_k": e.top_k,
-            "top_p": e.top_p, "seed": e.seed, "prior_type": prior.prior_type, **_decoding(e),
+            "top_p": e.top_p, "seed": e.seed, **decoding_record(prior, e.decode_steps, e.choice_temperature),
             "grid": f"{GRID_DIR}/samples_per_class.png"}
 
 

@@ -4,6 +4,10 @@ The recipe is taming's (`taming/modules/losses/vqperceptual.py`): hinge GAN loss
 term -mean(fake logits), adaptive weight ||grad rec|| / ||grad gan|| at the decoder's last
 layer, GAN switched on after `disc_start` steps. The discriminator lives outside this module
 (the training loop owns and optimises it); nothing here calls `.backward`.
+
+Under torch.distributed the two batch-level statistics are taken over the global batch, so N
+processes with batch B follow one process with batch N*B: the last-layer gradients behind the
+adaptive weight and the LeCam EMAs' batch means are averaged over processes (one all-reduce each).
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from common.distributed import mean_over_processes
 
 DISC_LOSSES = ("hinge", "non_saturating")
 
@@ -80,8 +86,17 @@ def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, 
     """
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    rec_grad, gan_grad = _global_gradients(rec_grad, gan_grad)
     weight = rec_grad.norm() / (gan_grad.norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
+
+
+def _global_gradients(rec_grad: Tensor, gan_grad: Tensor) -> tuple[Tensor, Tensor]:
+    """Both last-layer gradients averaged over processes in one all-reduce: the gradients of the
+    global batch's mean losses, so every process takes the weight one process with the whole
+    batch would (the norm of a mean is not the mean of per-process norms)."""
+    both = mean_over_processes(torch.stack([rec_grad, gan_grad]))
+    return both[0], both[1]
 
 
 def _adaptive_gan_total(rec: Tensor, g_loss: Tensor, quantizer_term: Tensor, reconstructions: Tensor,
@@ -97,8 +112,8 @@ def _adaptive_gan_total(rec: Tensor, g_loss: Tensor, quantizer_term: Tensor, rec
     true value and the true gradients (up to summation order); the loss graphs are freed here."""
     grad_rec = torch.autograd.grad(rec, reconstructions)[0]
     grad_gan = torch.autograd.grad(g_loss, reconstructions)[0]
-    rec_w, gan_w = (torch.autograd.grad(reconstructions, last_layer, grad, retain_graph=True)[0]
-                    for grad in (grad_rec, grad_gan))
+    rec_w, gan_w = _global_gradients(*(torch.autograd.grad(reconstructions, last_layer, grad, retain_graph=True)[0]
+                                       for grad in (grad_rec, grad_gan)))
     weight = disc_weight * (rec_w.norm() / (gan_w.norm() + 1e-4)).clamp(0.0, max_weight).detach()
     pulled = (reconstructions.float() * (grad_rec.float() + weight * grad_gan.float()).detach()).sum()
     value = (rec + quantizer_term + weight * g_loss).detach()
@@ -121,7 +136,11 @@ class LeCamEMA(nn.Module):
 
     @torch.no_grad()
     def update(self, real_mean: Tensor, fake_mean: Tensor) -> None:
-        """Fold this step's mean real / fake logits into the EMAs."""
+        """Fold this step's mean real / fake logits into the EMAs. Under torch.distributed every
+        process must call it: the means are averaged over processes first, so the EMAs follow the
+        global batch and stay identical everywhere."""
+        real_mean, fake_mean = mean_over_processes(torch.stack([real_mean.detach().float(),
+                                                                fake_mean.detach().float()]))
         decay = self.decay if self.num_updates > 0 else 0.0
         self.ema_real.mul_(decay).add_((1.0 - decay) * real_mean.detach().float())
         self.ema_fake.mul_(decay).add_((1.0 - decay) * fake_mean.detach().float())

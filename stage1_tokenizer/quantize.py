@@ -80,10 +80,23 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _broadcast(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast(t, src=0)
-    return t
+def _pick_global_rows(rows: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """`n` rows drawn uniformly from the concatenation of every process's `rows` (N_p, D) in rank
+    order; the same (n, D) on every process. Moves only the picked rows: each process fills the
+    ones it holds and one all-reduce sums them."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        picks = torch.randint(0, rows.shape[0], (n,), generator=generator).to(rows.device)
+        return rows[picks]
+    sizes = [torch.zeros((), dtype=torch.long, device=rows.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor(rows.shape[0], device=rows.device))
+    offsets = torch.tensor([0, *[int(s) for s in sizes]]).cumsum(0)
+    picks = torch.randint(0, int(offsets[-1]), (n,), generator=generator)
+    start, end = int(offsets[dist.get_rank()]), int(offsets[dist.get_rank() + 1])
+    mine = (picks >= start) & (picks < end)
+    picked = torch.zeros(n, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    picked[mine.to(rows.device)] = rows[(picks[mine] - start).to(rows.device)]
+    dist.all_reduce(picked)  # each row is non-zero on exactly one process: the sum is that row, exactly
+    return picked
 
 
 class VectorQuantizer(nn.Module):
@@ -182,8 +195,8 @@ class VectorQuantizer(nn.Module):
                 stats["quantizer/entropy_loss"] = entropy_loss.detach()
 
             counts = torch.bincount(codes_flat, minlength=cfg.codebook_size).float()
-            if self.training:
-                self._training_updates(z_flat.detach(), codes_flat, counts)
+            if self.training:  # usage statistics of the global batch from here on
+                counts = self._training_updates(z_flat.detach(), codes_flat, counts)
 
             # straight-through estimator: forward uses z_q, backward copies gradients to z
             z_q_flat = z_flat + (z_q_flat - z_flat).detach()
@@ -213,7 +226,8 @@ class VectorQuantizer(nn.Module):
         return (recent & (self.last_used > 0)).float().mean()
 
     @torch.no_grad()
-    def _training_updates(self, z_flat: torch.Tensor, codes_flat: torch.Tensor, counts: torch.Tensor) -> None:
+    def _training_updates(self, z_flat: torch.Tensor, codes_flat: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Usage window, EMA codebook and dead-code revival; returns the code counts summed over processes."""
         cfg = self.config
         counts = _all_reduce_sum(counts.clone())  # every process sees the global usage
         self.step += 1
@@ -229,6 +243,7 @@ class VectorQuantizer(nn.Module):
             self.embedding.weight.copy_(self.ema_embed_sum / smoothed.unsqueeze(1))
         if cfg.dead_code_patience > 0:
             self._revive_dead_codes(z_flat)
+        return counts
 
     def _revive_dead_codes(self, z_flat: torch.Tensor) -> None:
         # a code never used yet counts as unused since step 0
@@ -236,10 +251,10 @@ class VectorQuantizer(nn.Module):
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
-        # seeded by the step so a resumed run makes the same choice; rank 0's pick is broadcast
+        # seeded by the step so a resumed run makes the same choice; the picks index the global
+        # batch (the processes' rows in rank order), so N processes pick what one process would
         gen = torch.Generator(device="cpu").manual_seed(int(self.step))
-        picks = torch.randint(0, z_flat.shape[0], (n_dead,), generator=gen).to(z_flat.device)
-        replacements = _broadcast(z_flat[picks].contiguous())
+        replacements = _pick_global_rows(z_flat, n_dead, gen)
         self.embedding.weight.data[dead] = replacements.to(self.embedding.weight.dtype)
         if self.config.use_ema:
             self.ema_embed_sum[dead] = replacements

@@ -5,6 +5,13 @@ forward/backward over the micro-batches (L1/L2 + LPIPS + quantizer + adaptive-we
 step; then the discriminator over the same micro-batches once the GAN is on. Checkpoints go
 through `accelerator.save_state` into a temporary directory renamed into place, so a killed run
 resumes exactly (`resume="auto"`).
+
+Across processes (docs/distributed.md): each process reads its own part of every global batch;
+DDP averages the gradients; the adaptive GAN weight, the LeCam EMAs, the VQ usage counts and the
+dead-code picks use the global batch; the logged scalars are means over processes. So N processes
+with batch B follow one process with batch N*B up to float rounding, except where a statistic is
+per process by nature (a BatchNorm discriminator, the quantizer's entropy term, the usage
+statistics of the non-VQ quantizers). Only the main process writes logs, images and exports.
 """
 from __future__ import annotations
 
@@ -18,14 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import data
 from common import atomic_write_json, config_to_dict
 from common.checkpoint import TrainState, find_checkpoint, save_checkpoint, truncate_metrics, update_ema
+from common.distributed import build_accelerator, mean_scalars
 from common.schedule import warmup_lr
 from common.config import require_positive
 from stage1_tokenizer.discriminator import NLayerDiscriminator
@@ -116,12 +123,7 @@ def train(cfg: TokenizerTrainConfig, resume: str | None = None) -> dict:
     """Train a tokenizer as configured; returns the final held-out metrics."""
     tc = cfg.train
     out_dir = Path(tc.out_dir)
-    accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=tc.seed),
-    )
+    accelerator = build_accelerator(out_dir, mixed_precision=tc.mixed_precision, seed=tc.seed)
     set_seed(tc.seed)
     ckpt = find_checkpoint(out_dir, resume)
     if accelerator.is_main_process:
@@ -227,7 +229,7 @@ def train(cfg: TokenizerTrainConfig, resume: str | None = None) -> dict:
         images_seen += tc.batch_size * tc.grad_accum * accelerator.num_processes
 
         # ---- logging, images, checkpoints ---------------------------------------------------
-        scalars = {k: float(v) for k, v in logs.items()}
+        scalars = mean_scalars(logs, device=accelerator.device)  # one all-reduce: the global batch's values
         scalars["lr"] = opt_g.param_groups[0]["lr"]
         if accelerator.is_main_process:
             with open(metrics_path, "a") as f:
@@ -255,11 +257,12 @@ def train(cfg: TokenizerTrainConfig, resume: str | None = None) -> dict:
         results = reconstruction_metrics(final_model, eval_loader, device=accelerator.device)
         skipped = data.read_skip_log(out_dir / "skipped")
         results.update({"step": state.step, "eval_split": val_spec_name(cfg), "eval_images": results["images"],
-                        "skipped_files": len(skipped)})
+                        "skipped_files": len(skipped), "num_processes": accelerator.num_processes})
         if skipped:
             accelerator.print(f"{len(skipped)} unreadable training images were skipped; see {out_dir / 'skipped'}")
         atomic_write_json(out_dir / "final_metrics.json", results)
         accelerator.print(json.dumps(results, indent=2))
+    accelerator.wait_for_everyone()  # the others wait for the main process's export and evaluation
     accelerator.end_training()
     return results
 

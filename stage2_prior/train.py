@@ -27,13 +27,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from common import ConfigError, atomic_write_bytes, atomic_write_json, config_to_dict
 from common.checkpoint import TrainState, find_checkpoint, save_checkpoint, truncate_metrics, update_ema
+from common.distributed import build_accelerator
 from common.schedule import warmup_lr
 from common.config import require_positive
 from data import ResumableLoader
@@ -132,13 +132,8 @@ def train(cfg: PriorRunConfig, resume: str | None = None) -> dict:
     """Train a prior as configured; returns the final stats (loss, bits/token, steps, tokens/s)."""
     tc, dc = cfg.train, cfg.data
     out_dir = Path(tc.out_dir)
-    accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
-        # split_batches stays False: batch_size is per process (see the module docstring)
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=tc.seed),
-    )
+    # batch_size is per process (see the module docstring); gloo when launched on CPU-only machines
+    accelerator = build_accelerator(out_dir, mixed_precision=tc.mixed_precision, seed=tc.seed)
     set_seed(tc.seed)  # the same initial weights on every process
     ckpt = find_checkpoint(out_dir, resume)
 

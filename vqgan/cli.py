@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def _cmd_train_prior(args: argparse.Namespace) -> int:
 
     cfg = load_config(PriorRunConfig, args.config, args.overrides, section="prior")
     results = train(cfg, resume=args.resume)
-    if results:
+    if results and os.environ.get("RANK", "0") == "0":  # one copy, from the main process of a launch
         print(json.dumps(results, indent=2))
     return 0
 
@@ -314,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     from vqgan.serve.cli import add_serve_parser
     add_serve_parser(sub)
 
-    p = sub.add_parser("data", help="data utilities (pack)")
+    p = sub.add_parser("data", help="data utilities (pack, collect)")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = data_sub.add_parser("pack", help="write any data source as webdataset tar shards",
                             description="Write a data source as webdataset tar shards (image + class + JSON "
@@ -330,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_data_pack)
+    from vqgan.cli_collect import add_collect_parser
+    add_collect_parser(data_sub)
     return parser
 
 

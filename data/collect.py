@@ -265,7 +265,8 @@ def _raise_exit(signum: int, frame: Any) -> None:
 
 
 def done_raw_shards(raw_dir: Path) -> list[int]:
-    """Raw shards img2dataset finished: those with a `_stats.json` (written after the tar and parquet)."""
+    """Raw shards img2dataset finished: those with a `_stats.json` (written after the tar and parquet);
+    none when the directory does not exist yet."""
     return sorted(int(p.name.split("_")[0]) for p in raw_dir.glob("*_stats.json"))
 
 
@@ -279,7 +280,7 @@ def run_img2dataset(cfg: CollectConfig, raw_dir: Path, log_path: Path, input_for
     log_path.parent.mkdir(parents=True, exist_ok=True)
     pid_path = log_path.parent / PID_NAME
     _kill_leftover(pid_path)
-    bar = tqdm(total=num_shards, initial=len(done_raw_shards(raw_dir)) if raw_dir.is_dir() else 0,
+    bar = tqdm(total=num_shards, initial=len(done_raw_shards(raw_dir)),
                unit="shard", desc="download", disable=not progress)
     with open(log_path, "ab") as log:
         log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} img2dataset {json.dumps(arguments)}\n".encode())
@@ -294,15 +295,14 @@ def run_img2dataset(cfg: CollectConfig, raw_dir: Path, log_path: Path, input_for
         try:
             while child.poll() is None:
                 time.sleep(0.2)
-                done = len(done_raw_shards(raw_dir)) if raw_dir.is_dir() else 0
+                done = len(done_raw_shards(raw_dir))
                 if done > bar.n:
                     bar.update(done - bar.n)
-        except BaseException:
+        finally:
+            # stops the download on an error or interrupt; after success, img2dataset's logger process,
+            # which can outlive its leader
             _kill_group(child.pid)
             child.wait()
-            raise
-        finally:
-            _kill_group(child.pid)  # img2dataset's logger process can outlive its leader
             pid_path.unlink(missing_ok=True)
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, previous_term)
@@ -336,7 +336,7 @@ def collect(cfg: CollectConfig, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / STATE_NAME, settings)
     raw_dir, num_shards = out / RAW_DIR, math.ceil(table.num_rows / cfg.shard_size)
-    if len(done_raw_shards(raw_dir) if raw_dir.is_dir() else []) < num_shards:
+    if len(done_raw_shards(raw_dir)) < num_shards:
         run_img2dataset(cfg, raw_dir, out / LOG_DIR / "img2dataset.log", input_format, num_shards, progress)
     report = clean_collection(raw_dir, out, num_raw_shards=num_shards, class_names=class_names,
                               label_col=cfg.label_col, near_dup_distance=cfg.near_dup_distance,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -76,9 +75,7 @@ def _cmd_train_prior(args: argparse.Namespace) -> int:
     from stage2_prior.train import PriorRunConfig, train
 
     cfg = load_config(PriorRunConfig, args.config, args.overrides, section="prior")
-    results = train(cfg, resume=args.resume)
-    if results and os.environ.get("RANK", "0") == "0":  # one copy, from the main process of a launch
-        print(json.dumps(results, indent=2))
+    train(cfg, resume=args.resume)  # the main process prints the final stats
     return 0
 
 

@@ -20,6 +20,16 @@ def machine_header(busy_load: float = 0.5) -> str:
             f"malloc settings: {malloc or 'glibc defaults'}")
 
 
+def native_kernels_line() -> str:
+    """Which decode kernels sampling runs on: the package's native ones, or why not (torch's)."""
+    from stage2_prior import native_kernels
+    parts = []
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        reason = native_kernels.unavailable_reason(dtype)
+        parts.append(f"{name} native" if reason is None else f"{name} torch ({reason.splitlines()[0]})")
+    return "decode kernels: " + ", ".join(parts)
+
+
 def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], object] = lambda: None) -> float:
     """Median wall time of `repeats` calls after one warm-up call (allocator, kernels, caches);
     `sync` waits for queued GPU work (torch.cuda.synchronize) before a clock is read."""

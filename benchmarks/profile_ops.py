@@ -17,18 +17,30 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine_header  # noqa: E402
+from benchmarks._common import machine_header, native_kernels_line  # noqa: E402
 from benchmarks.speed_prior import PRESETS as PRIOR_PRESETS  # noqa: E402
 from benchmarks.speed_tokenizer import PRESETS as TOKENIZER_PRESETS  # noqa: E402
 
 
+def _label_native_kernels() -> None:
+    """The native kernels are ctypes calls, invisible to the profiler: give each a named range."""
+    from stage2_prior import native_kernels
+    for name in ("linear", "attention", "topk"):
+        def labelled(*args, _kernel=getattr(native_kernels, name), _label=f"native::{name}", **kwargs):
+            with record_function(_label):
+                return _kernel(*args, **kwargs)
+        setattr(native_kernels, name, labelled)
+
+
 def sampling_job(dtype: torch.dtype | None):
     from stage2_prior import GPTPrior, PriorConfig, generate
+    print(native_kernels_line())
+    _label_native_kernels()
     torch.manual_seed(0)
     prior = GPTPrior(PriorConfig(**PRIOR_PRESETS["gpt-b"])).eval()
     labels = torch.arange(4)

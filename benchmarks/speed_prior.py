@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine_header, median_seconds, peak_memory_mb  # noqa: E402
+from benchmarks._common import machine_header, median_seconds, native_kernels_line, peak_memory_mb  # noqa: E402
 from stage2_prior import GPTPrior, PriorConfig, generate  # noqa: E402
 
 # LlamaGen GPT-B c2i: 12 layers, dim 768, 12 heads, 16,384-code VQ, 16x16 tokens, 1,000 classes
@@ -49,6 +49,7 @@ def main() -> None:
     prior = GPTPrior(PriorConfig(**PRESETS[args.preset])).to(device)
     L, B = prior.seq_len, args.batch
     print(machine_header())
+    print(native_kernels_line())
     print(f"preset {args.preset}: {prior.num_parameters() / 1e6:.1f}M parameters, {L} tokens, batch {B}, "
           f"device {device}, median of {args.repeats}\n")
     print("| measurement | fp32 tok/s | bf16 tok/s | peak memory MB |")

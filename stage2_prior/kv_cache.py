@@ -14,8 +14,9 @@ forward pass.
 `weights_dtype=torch.bfloat16` keeps bf16 copies of the matmul weights: sampling reads every
 weight once per token, so on a CPU it is memory-bound and half the bytes is nearly twice the speed.
 Norms, rotary, softmax and logits stay fp32. On a CPU the matmul weights are also packed once into
-the BLAS kernel's own layout, MKL's for fp32 and oneDNN's for bf16 (`packed_linear.PackedLinear`;
-`pack_weights=False` turns it off).
+a kernel's own layout (`packed_linear.PackedLinear`; `pack_weights=False` turns it off). Where the
+package's native kernels build (`native_kernels`: x86-64 with AVX-512), a one-token step runs the
+matmuls and the attention through them; the same step otherwise runs on torch operators.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from stage2_prior import native_kernels
 from stage2_prior.model import GPTPrior
 from stage2_prior.packed_linear import PackedLinear
 
@@ -128,6 +130,20 @@ class StaticKVDecoder:
             self.rotation = freqs.new_zeros(self.max_len, freqs.shape[-1], freqs.shape[-1])
             self.rotation[:, even, even], self.rotation[:, even + 1, even] = cos, -sin
             self.rotation[:, even, even + 1], self.rotation[:, even + 1, even + 1] = sin, cos
+            self.rotary_cos, self.rotary_sin = cos.float().contiguous(), sin.float().contiguous()
+        # the native one-token step: every matmul on the native kernel, and heads its attention takes
+        all_linears = [lin for _, _, linears in self.blocks for lin in linears] + [self.to_logits]
+        self.native = (device.type == "cpu" and native_kernels.available(self.dtype)
+                       and all(lin.backend == "native" for lin in all_linears)
+                       and self.stream_dtype == torch.float32
+                       and self.dim_head % 16 == 0 and self.dim_head <= 256)
+        # the native step's activations between its two matmuls, reused by every layer and step:
+        # fused q, k, v in fp32 (the attention kernel's input), the GELU output in the weights' dtype
+        self.buffers = {}
+        for kind, _, (first, _second) in self.blocks:
+            self.buffers[kind, first.out_features] = torch.empty(batch_size, first.out_features, device=device,
+                                                           dtype=torch.float32 if kind == "attn" else self.dtype)
+        self.attended = torch.empty(batch_size, self.heads * self.dim_head, dtype=self.dtype, device=device)
         self.length = 0
 
     def reset(self) -> None:
@@ -141,6 +157,8 @@ class StaticKVDecoder:
             raise ValueError(f"this decoder was built for batch size {self.batch_size}, got {B}")
         if end > self.max_len:
             raise ValueError(f"sequence would reach {end} tokens; the prior's maximum is {self.max_len}")
+        if n == 1 and self.native:
+            return self._native_step(tokens[:, 0])
         x = F.embedding(tokens, self.token_emb)                          # (B, n, dim)
         if self.pos_emb is not None:
             x += self.pos_emb[start:end]
@@ -176,3 +194,30 @@ class StaticKVDecoder:
         self.length = end
         norm_weight, eps = self.final_norm
         return self.to_logits(F.layer_norm(x[:, -1], (dim,), norm_weight, None, eps).to(self.dtype)).to(self.stream_dtype)
+
+    def _native_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`step` for one token per sequence on the native kernels. The fp32 residual stream `x` is
+        layer-normed inside the next matmul's call and takes each branch's output as an in-place add;
+        the intermediate activations live in buffers reused every step."""
+        B, position = tokens.shape[0], self.length
+        H, Dh, a = self.heads, self.dim_head, 0
+        x = F.embedding(tokens, self.token_emb)                           # (B, dim), a new tensor
+        if self.pos_emb is not None:
+            x += self.pos_emb[position]
+        cos = sin = None
+        if self.rotation is not None:
+            cos, sin = self.rotary_cos[position], self.rotary_sin[position]
+        run = native_kernels.linear
+        for kind, norm, (first, second) in self.blocks:
+            middle = self.buffers[kind, first.out_features]
+            if kind == "attn":
+                run(x, first.packed, first.out_features, None, False, middle, norm=norm)        # fused q, k, v
+                native_kernels.attention(middle.view(B, 3, H, Dh), cos, sin, self.cache[a], position, self.attended)
+                run(self.attended, second.packed, second.out_features, None, False, x, accumulate=True)
+                a += 1
+            else:
+                run(x, first.packed, first.out_features, first.bias_fp32, True, middle, norm=norm)  # GELU fused
+                run(middle, second.packed, second.out_features, second.bias_fp32, False, x, accumulate=True)
+        self.length = position + 1
+        logits = x.new_empty(B, self.to_logits.out_features)
+        return run(x, self.to_logits.packed, self.to_logits.out_features, None, False, logits, norm=self.final_norm)

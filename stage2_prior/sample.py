@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from stage2_prior import native_kernels
 from stage2_prior.kv_cache import StaticKVDecoder
 from stage2_prior.model import CodePrior, GPTPrior
 
@@ -92,10 +93,11 @@ def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None,
 
     With top-k the rest works on the k kept candidates only (the k largest; ties at the k-th value are
     broken by `torch.topk`), so the sort for top-p and the random draw cost O(k) instead of O(V)."""
-    logits = logits / temperature
+    if temperature != 1:
+        logits = logits / temperature
     candidates = None                                              # (..., k) vocabulary ids, or all of V
     if top_k is not None and top_k < logits.shape[-1]:
-        logits, candidates = torch.topk(logits, top_k, dim=-1)     # sorted, largest first
+        logits, candidates = _top_k(logits, top_k)                 # sorted, largest first
     if top_p is not None and top_p < 1.0:
         if candidates is None:
             logits, candidates = torch.sort(logits, dim=-1, descending=True)
@@ -103,6 +105,15 @@ def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None,
         # drop a token once the mass before it already reaches top_p; the most likely token always stays
         logits = logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))
     return logits, candidates
+
+
+def _top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(logits, k), through the native kernel for (B, V) fp32 CPU logits where it builds
+    (about 4x faster at 16,384 codes; equal logits come in vocabulary order)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 \
+            and native_kernels.available(torch.float32):
+        return native_kernels.topk(logits, k)
+    return torch.topk(logits, k, dim=-1)
 
 
 def _sample_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

@@ -289,8 +289,15 @@ void decode_attention(const float* qkv, int64_t batch, int64_t heads, int64_t dh
     static thread_local std::vector<float> scores;
     scores.resize(length + 16);
     float top = -INFINITY;
+    // the cache rows come from DRAM (the weights' stream evicts them every step): prefetch keys
+    // ahead, and the values alongside, so each core has more than one stream in flight
+    const int64_t row_bytes = dh * int64_t(sizeof(Elem));
     for (int64_t j = 0; j < length; ++j) {
       const Elem* key = keys + j * dh;
+      for (int64_t line = 0; line < row_bytes; line += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(key + 8 * dh) + line, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(values + j * dh) + line, _MM_HINT_T0);
+      }
       __m512 dot = _mm512_mul_ps(qv[0], load16(key));
       for (int64_t c = 1; c < chunks; ++c) dot = _mm512_fmadd_ps(qv[c], load16(key + 16 * c), dot);
       scores[j] = _mm512_reduce_add_ps(dot);

@@ -39,7 +39,6 @@ def _label_native_kernels() -> None:
 
 def sampling_job(dtype: torch.dtype | None):
     from stage2_prior import GPTPrior, PriorConfig, generate
-    print(native_kernels_line())
     _label_native_kernels()
     torch.manual_seed(0)
     prior = GPTPrior(PriorConfig(**PRIOR_PRESETS["gpt-b"])).eval()
@@ -70,6 +69,8 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     job = (sampling_job if args.job == "sampling" else tokenizer_job)(dtype)
     print(machine_header())
+    if args.job == "sampling":
+        print(native_kernels_line())
     job()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()

@@ -1,14 +1,14 @@
-"""The decode step's CPU kernels (`decode_kernels.cpp`: small-batch matmul, single-query attention),
-compiled at first use and called through ctypes.
+"""The decode step's CPU kernels (`decode_kernels.cpp`: small-batch matmul, single-query attention,
+top-k), compiled at first use and called through ctypes.
 
-It is built with the system C++ compiler (`$CXX`, else `g++`, else `c++`) into
-`$VQGAN_KERNEL_CACHE` (default `~/.cache/vqgan-toolkit/kernels`), keyed by a hash of the source, the
-flags and the compiler's version, so a rebuilt compiler or an edited kernel never loads a stale
-library. Building takes about a second, once per machine. It needs Linux on x86-64 with AVX-512
-(fp32) or AVX-512 BF16 (bf16), and torch's OpenMP build (the kernel runs its threads in the same
-OpenMP pool as torch). Anywhere else, or with `VQGAN_NATIVE_KERNELS=0`, or when the build fails,
-`available()` is False and `PackedLinear` keeps using the MKL/oneDNN kernels; the reason is kept
-in `unavailable_reason()`.
+The library is built with the system C++ compiler (`$CXX`, else `g++`, else `c++`) into
+`$VQGAN_KERNEL_CACHE` (default `~/.cache/vqgan-toolkit/kernels`; the temporary directory where
+that is read-only). Its file name carries a hash of the source, the flags and the compiler's
+version, so an edited kernel or another compiler never loads a stale library. Building takes about
+a second per dtype, once per machine. It needs Linux on x86-64 with AVX-512 (fp32) or AVX-512 BF16
+(bf16), and torch's OpenMP build: the kernels run their threads in torch's OpenMP pool. Anywhere
+else, with `VQGAN_NATIVE_KERNELS=0`, or when the build fails, `available()` is False and the
+decoder uses torch's operators (weights packed for MKL/oneDNN); `unavailable_reason()` says why.
 """
 from __future__ import annotations
 
@@ -54,11 +54,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VQGAN_KERNEL_CACHE") or Path.home() / ".cache" / "vqgan-toolkit" / "kernels")
 
 
-def _build(dtype: torch.dtype, compiler: str) -> Path:
+def _build(dtype: torch.dtype, compiler: str, directory: Path) -> Path:
     flags = _BASE_FLAGS + _DTYPE_FLAGS[dtype]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"gemv_{str(dtype).removeprefix('torch.')}_{key}.so"
+    target = directory / f"decode_{str(dtype).removeprefix('torch.')}_{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,11 @@ def library(dtype: torch.dtype) -> ctypes.CDLL | None:
         reason = "no C++ compiler found ($CXX, g++ or c++)"
     if reason is None:
         try:
-            lib = ctypes.CDLL(str(_build(dtype, compiler)))
+            try:
+                path = _build(dtype, compiler, cache_dir())
+            except PermissionError:  # a read-only home (some clusters): build in the temporary directory
+                path = _build(dtype, compiler, Path(tempfile.gettempdir()) / f"vqgan-kernels-{os.getuid()}")
+            lib = ctypes.CDLL(str(path))
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             reason = f"building the kernel failed: {error}"
         else:

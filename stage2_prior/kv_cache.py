@@ -131,19 +131,18 @@ class StaticKVDecoder:
             self.rotation[:, even, even], self.rotation[:, even + 1, even] = cos, -sin
             self.rotation[:, even, even + 1], self.rotation[:, even + 1, even + 1] = sin, cos
             self.rotary_cos, self.rotary_sin = cos.float().contiguous(), sin.float().contiguous()
-        # the native one-token step: every matmul on the native kernel, and heads its attention takes
+        # one-token steps run on the native kernels when every matmul is packed for them and the
+        # head size suits the attention kernel
         all_linears = [lin for _, _, linears in self.blocks for lin in linears] + [self.to_logits]
         self.native = (device.type == "cpu" and native_kernels.available(self.dtype)
                        and all(lin.backend == "native" for lin in all_linears)
                        and self.stream_dtype == torch.float32
                        and self.dim_head % 16 == 0 and self.dim_head <= 256)
-        # the native step's activations between its two matmuls, reused by every layer and step:
-        # fused q, k, v in fp32 (the attention kernel's input), the GELU output in the weights' dtype
-        self.buffers = {}
-        for kind, _, (first, _second) in self.blocks:
-            self.buffers[kind, first.out_features] = torch.empty(batch_size, first.out_features, device=device,
-                                                           dtype=torch.float32 if kind == "attn" else self.dtype)
-        self.attended = torch.empty(batch_size, self.heads * self.dim_head, dtype=self.dtype, device=device)
+        if self.native:  # activations between a layer's two matmuls, reused by every layer and step
+            self.buffers = {(kind, first.out_features): torch.empty(
+                                batch_size, first.out_features, dtype=torch.float32 if kind == "attn" else self.dtype)
+                            for kind, _, (first, _second) in self.blocks}  # fused q, k, v; the GELU output
+            self.attended = torch.empty(batch_size, self.heads * self.dim_head, dtype=self.dtype)
         self.length = 0
 
     def reset(self) -> None:

@@ -160,6 +160,8 @@ def attention(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | N
     positions 0..position with scale Dh ** -0.5. Dh must be a multiple of 16, at most 256."""
     lib = library(cache.dtype)
     batch, _, heads, dim_head = qkv.shape
+    if dim_head % 16 or dim_head > 256:
+        raise ValueError(f"the attention kernel takes head sizes that are multiples of 16 up to 256, got {dim_head}")
     rot_dim = 0 if cos is None else 2 * cos.numel()
     lib.decode_attention(qkv.data_ptr(), batch, heads, dim_head, None if cos is None else cos.data_ptr(),
                          None if sin is None else sin.data_ptr(), rot_dim, cache.data_ptr(), cache.shape[3], position,

@@ -91,8 +91,8 @@ def _filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None,
     """logits (..., V) -> (logits / temperature over the candidates kept by top-k then top-p (-inf for
     the dropped), candidate vocabulary ids (..., k) or None when all of V stay). temperature > 0.
 
-    With top-k the rest works on the k kept candidates only (the k largest; ties at the k-th value are
-    broken by `torch.topk`), so the sort for top-p and the random draw cost O(k) instead of O(V)."""
+    With top-k the rest works on the k kept candidates only (the k largest, from `_top_k`), so the
+    sort for top-p and the random draw cost O(k) instead of O(V)."""
     if temperature != 1:
         logits = logits / temperature
     candidates = None                                              # (..., k) vocabulary ids, or all of V

@@ -112,6 +112,9 @@ def test_attention_matches_sdpa_and_writes_the_cache(dtype, rotary):
     torch.testing.assert_close(cache[:, :, :, position].float(), expected_cache[:, :, :, position].float(),
                                atol=1e-6, rtol=1e-6 if dtype == torch.float32 else 1e-2)
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        native_kernels.attention(torch.zeros(B, 3, H, 24), None, None, torch.zeros(2, B, H, L, 24, dtype=dtype),
+                                 0, torch.empty(B, H * 24, dtype=dtype))
 
 
 def test_topk_matches_torch_and_orders_ties_by_index():

@@ -180,6 +180,7 @@ def test_switch_off_and_build_failure_fall_back(monkeypatch, tmp_path):
     torch.manual_seed(0)
     prior = GPTPrior(PriorConfig(dim=32, depth=1, heads=2, code_shape=(2, 2), vocab_sizes=(8,))).eval()
     expected = generate(prior, n=2, seed=0, temperature=0.0, use_cache=False)
+    builds_here = native_kernels.available(torch.float32)  # else a failing compiler is never reached
     try:
         for variable, value, reason in [("VQGAN_NATIVE_KERNELS", "0", "switched off"),
                                         ("CXX", "false", "building the kernel failed")]:
@@ -187,8 +188,8 @@ def test_switch_off_and_build_failure_fall_back(monkeypatch, tmp_path):
             monkeypatch.setenv("VQGAN_KERNEL_CACHE", str(tmp_path / variable))  # nothing built there yet
             native_kernels.library.cache_clear()
             native_kernels._reasons.clear()
-            if variable == "CXX" and not native_kernels._CPU_FLAGS[torch.float32] <= native_kernels._cpu_flags():
-                continue                                                     # never gets to the build here
+            if variable == "CXX" and not builds_here:
+                continue
             assert not native_kernels.available(torch.float32)
             assert reason in native_kernels.unavailable_reason(torch.float32)
             assert not StaticKVDecoder(prior, 2).native

@@ -16,6 +16,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -48,6 +49,15 @@ def _compiler() -> str | None:
         if name and shutil.which(name):
             return shutil.which(name)
     return None
+
+
+def _openmp_runtimes() -> set[str]:
+    """Paths of the OpenMP runtimes loaded in this process (Linux), e.g. torch's bundled libgomp."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    return {line.split()[-1] for line in maps.splitlines() if re.search(r"/lib(gomp|iomp5|omp)[.-][^/]*$", line)}
 
 
 def cache_dir() -> Path:
@@ -95,10 +105,16 @@ def library(dtype: torch.dtype) -> ctypes.CDLL | None:
                 path = _build(dtype, compiler, cache_dir())
             except PermissionError:  # a read-only home (some clusters): build in the temporary directory
                 path = _build(dtype, compiler, Path(tempfile.gettempdir()) / f"vqgan-kernels-{os.getuid()}")
+            runtimes_before = _openmp_runtimes()
             lib = ctypes.CDLL(str(path))
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             reason = f"building the kernel failed: {error}"
         else:
+            if runtimes_before and len(_openmp_runtimes()) > len(runtimes_before):
+                # a torch built on another OpenMP (e.g. conda's libiomp5): two thread pools would fight
+                _reasons[dtype] = (f"the kernel would run a second OpenMP runtime beside torch's "
+                                   f"({', '.join(sorted(runtimes_before))})")
+                return None
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             lib.gemv_packed_numel.argtypes, lib.gemv_packed_numel.restype = [i64, i64], i64
             lib.gemv_pack.argtypes, lib.gemv_pack.restype = [ptr, i64, i64, ptr], None

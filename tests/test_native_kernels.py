@@ -136,6 +136,24 @@ def test_topk_matches_torch_and_orders_ties_by_index():
         native_kernels.topk(x, 301)
 
 
+def test_kernels_share_torchs_openmp_runtime():
+    need(torch.float32)
+    assert len(native_kernels._openmp_runtimes()) == 1, native_kernels._openmp_runtimes()   # one thread pool
+
+
+def test_a_second_openmp_runtime_is_refused(monkeypatch):
+    need(torch.float32)
+    loaded = iter([{"/torch/lib/libiomp5.so"}, {"/torch/lib/libiomp5.so", "/usr/lib/libgomp.so.1"}])
+    monkeypatch.setattr(native_kernels, "_openmp_runtimes", lambda: next(loaded))
+    native_kernels.library.cache_clear()
+    try:
+        assert not native_kernels.available(torch.float32)
+        assert "second OpenMP runtime" in native_kernels.unavailable_reason(torch.float32)
+    finally:
+        native_kernels.library.cache_clear()
+        native_kernels._reasons.clear()
+
+
 def test_results_do_not_depend_on_the_thread_count():
     need(torch.float32)
     g = torch.Generator().manual_seed(4)

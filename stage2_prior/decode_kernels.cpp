@@ -1,17 +1,18 @@
-// The two kernels of one KV-cached decode step on a CPU: the matmuls (y = act(x @ W^T + bias) for a
-// few rows of x) and single-query attention over the cache.
+// The kernels of one KV-cached decode step on a CPU: the matmuls (y = act(x @ W^T + bias) for a few
+// rows of x), single-query attention over the cache, and the top-k of the sampler.
 //
 // A decode step multiplies 4-8 rows by every weight of the prior, so it is bound by how fast the
 // weights stream from memory, not by arithmetic. oneDNN's and MKL's GEMMs are tuned for large M and
-// leave most of the bandwidth unused at M = 4 (docs/performance.md). This kernel keeps the weight
+// leave much of the bandwidth unused at M = 4 (docs/performance.md). This kernel keeps the weight
 // stream saturated:
 //   * W is packed once into 64-output tiles, [ceil(N/64)][steps][64 outputs][pair] (pair = 2 for
 //     bf16, the VDPBF16PS layout; 1 for fp32), so each step of a tile is 256 contiguous bytes;
 //   * each tile's steps are walked as SEGMENTS interleaved runs, so every core keeps several memory
 //     streams in flight, plus a software prefetch PREFETCH_BYTES ahead in each run. A single
-//     sequential stream per core reaches about half of this machine's DRAM bandwidth;
-//   * the 64 outputs x 4 rows accumulate in 16 zmm registers (fp32), bias and exact-erf GELU are
-//     applied once at the end, and tiles are split across the OpenMP threads torch already runs.
+//     sequential stream per core reaches about half of the machine's DRAM bandwidth;
+//   * the 64 outputs x 4 rows accumulate in 16 zmm registers (fp32); the layer norm of the input
+//     rows, the bias, the exact-erf GELU and the residual add are applied once, before and after,
+//     and tiles are split across the OpenMP threads torch already runs.
 // Attention of one new token (decode_attention) is a few thousand multiply-adds per head, but
 // torch's SDPA spends ~200 us per layer on it at batch 4 (setup, not arithmetic); here the rotary
 // embedding, the cache write, the scores, the softmax and the weighted sum are one call.
